@@ -1,0 +1,80 @@
+"""The QLoRA arm's base: every frozen block Linear of both towers in bitsandbytes 4-bit (NF4 or FP4).
+
+Only storage changes: the matmul runs in the same compute dtype as the bf16 arm.
+"""
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+import torch.nn as nn
+from bitsandbytes.nn import Linear4bit, Params4bit
+
+from ..model import block_linears
+
+
+def settings(params) -> dict:
+    q = params.quant
+    return {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
+
+
+def _empty_linear4bit(lin: nn.Linear, s: dict, compute_dtype) -> Linear4bit:
+    return Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
+                      compress_statistics=s["double_quant"], quant_type=s["type"], device="meta")
+
+
+def _mark_cast_dtype(model: nn.Module, compute_dtype) -> None:
+    # open_clip reads the tower's cast dtype from mlp.c_fc.weight.dtype, which is uint8 once quantized;
+    # it honours `int8_original_dtype` on c_fc instead, so record the real compute dtype there.
+    for tower in (model.visual.transformer, model.transformer):
+        for block in tower.resblocks:
+            block.mlp.c_fc.int8_original_dtype = compute_dtype
+
+
+def convert(model: nn.Module, s: dict, compute_dtype, device) -> nn.Module:
+    """Quantize every block Linear on `device` (CPU works with bitsandbytes >= 0.48)."""
+    model.to(device)
+    for _, parent, attr, lin in list(block_linears(model)):
+        q = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
+                       compress_statistics=s["double_quant"], quant_type=s["type"], device=device)
+        q.weight = Params4bit(lin.weight.data, requires_grad=False, blocksize=s["blocksize"],
+                              compress_statistics=s["double_quant"], quant_type=s["type"], module=q)
+        q.weight._quantize(device)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        setattr(parent, attr, q)
+    _mark_cast_dtype(model, compute_dtype)
+    return model
+
+
+def prepare_for_load(model: nn.Module, s: dict, compute_dtype) -> nn.Module:
+    """Swap block Linears for empty Linear4bit shells that `load_quantized` fills."""
+    for _, parent, attr, lin in list(block_linears(model)):
+        q = _empty_linear4bit(lin, s, compute_dtype)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(torch.empty_like(lin.bias), requires_grad=False)
+        setattr(parent, attr, q)
+    _mark_cast_dtype(model, compute_dtype)
+    return model
+
+
+def load_quantized(model: nn.Module, state: dict, device) -> set[str]:
+    """Rebuild each Params4bit from its saved packed data and quant-state tensors.
+
+    Plain load_state_dict refuses a 4-bit state dict; bitsandbytes' own path is Params4bit.from_prequantized.
+    Returns the state keys consumed here (the rest go through load_state_dict).
+    """
+    used = set()
+    for name, parent, attr, q in block_linears(model):
+        prefix = f"{name}.weight."
+        stats = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        used |= {prefix + k for k in stats} | {f"{name}.weight"}
+        q.weight = Params4bit.from_prequantized(state[f"{name}.weight"], stats, requires_grad=False,
+                                                device=device, module=q)
+        if q.bias is not None:
+            q.bias = nn.Parameter(state[f"{name}.bias"].to(device), requires_grad=False)
+            used.add(f"{name}.bias")
+    return used
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit)

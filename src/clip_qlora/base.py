@@ -1,0 +1,76 @@
+"""The frozen base of one arm: build it once (quantize stage), save it, and reload it without re-quantizing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from . import backends
+from .io import UserError, atomic_dir
+from .model import build_base
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"model.device: {device!r} asked for but no CUDA device is visible")
+    return device
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' is bf16 on a GPU (the study's setting) and fp32 on CPU (where bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def make_base(arch: str, pretrained: str, base: str, settings: dict | None, compute_dtype: torch.dtype,
+              device: str) -> tuple[nn.Module, dict]:
+    """Build the base of one arm on `device`. Returns (model, meta) where meta describes it for reloading."""
+    model, is_pretrained = build_base(arch, pretrained, compute_dtype)
+    model = backends.get(base).convert(model, settings, compute_dtype, device)
+    meta = {"arch": arch, "pretrained": str(pretrained), "is_pretrained": is_pretrained, "base": base,
+            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings}
+    return model, meta
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    # safetensors wants plain, contiguous, unshared CPU tensors (Params4bit is a Parameter subclass)
+    return torch.Tensor(t.detach()).cpu().contiguous().clone()
+
+
+def save_base(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: _plain(v) for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "base.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_base(base_dir: str | Path, device: str) -> tuple[nn.Module, dict]:
+    """Rebuild a saved base on `device`: architecture skeleton, backend shells, then the saved tensors."""
+    base_dir = Path(base_dir)
+    meta_path = base_dir / "base.json"
+    if not meta_path.exists():
+        raise UserError(f"{meta_path}: missing; run the quantize stage first (dvc repro quantize)")
+    meta = json.loads(meta_path.read_text())
+    dtype = getattr(torch, meta["compute_dtype"])
+    model, _ = build_base(meta["arch"], "none", dtype)
+    backend = backends.get(meta["base"])
+    backend.prepare_for_load(model, meta["settings"], dtype)
+    state = load_file(str(base_dir / "model.safetensors"))
+    used = backend.load_quantized(model, state, device)
+    rest = {k: v for k, v in state.items() if k not in used}
+    model.to(device)
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k not in used]
+    if missing or unexpected:
+        raise UserError(f"{base_dir}: saved base does not match {meta['arch']} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rerun the quantize stage")
+    model.requires_grad_(False)
+    model.eval()
+    return model, meta

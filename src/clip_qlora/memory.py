@@ -1,0 +1,127 @@
+"""Exact memory accounting, independent of the allocator, on any device.
+
+(a) frozen weights, quantization state included; (b) trainable parameters, their gradients and optimizer
+state; (c) activations saved for backward in one step. Each storage is counted once. On CUDA the allocator's
+own figures (allocated after load, max allocated/reserved over steps) are reported beside these.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+
+def _storage_id(t: torch.Tensor) -> tuple:
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr())
+
+
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = _storage_id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _quant_state_tensors(module: nn.Module):
+    # bitsandbytes keeps absmax, the code book and (double quantization) a nested state outside the module's
+    # parameters and buffers: they are real frozen-weight memory and must be counted.
+    qs = getattr(getattr(module, "weight", None), "quant_state", None)
+    while qs is not None:
+        yield from (t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor))
+        qs = getattr(qs, "state2", None)
+
+
+def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
+    out = [p for p in model.parameters() if not p.requires_grad]
+    out += list(model.buffers())
+    for m in model.modules():
+        out += list(_quant_state_tensors(m))
+    return out
+
+
+def frozen_weight_bytes(model: nn.Module) -> int:
+    return unique_bytes(frozen_tensors(model))
+
+
+def trainable_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = unique_bytes(params)
+    # A gradient has the size and dtype of its parameter; counting from shapes keeps this exact before backward.
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    opt_bytes = 0
+    if optimizer is not None:
+        opt_bytes = unique_bytes(t for st in optimizer.state.values() for t in st.values()
+                                 if isinstance(t, torch.Tensor))
+    return {"params": param_bytes, "grads": grad_bytes, "optimizer_state": opt_bytes,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def adamw_state_bytes(model: nn.Module) -> int:
+    """AdamW keeps exp_avg and exp_avg_sq (param dtype) and a step scalar per parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
+
+
+@dataclass
+class SavedActivations:
+    """Counts bytes that autograd saves for backward while the context is active.
+
+    Frozen weights that F.linear keeps for the input gradient also pass through the hooks: they are weights,
+    already counted in (a), so every parameter, buffer and quant-state storage is excluded here.
+    """
+    model: nn.Module
+    bytes: int = 0
+    count: int = 0
+    _seen: set = field(default_factory=set)
+    _weights: set = field(default_factory=set)
+
+    def _pack(self, t: torch.Tensor):
+        if t.device.type != "meta":
+            key = _storage_id(t)
+            if key not in self._weights and key not in self._seen:
+                self._seen.add(key)
+                self.bytes += t.untyped_storage().nbytes()
+                self.count += 1
+        return t
+
+    @contextlib.contextmanager
+    def track(self):
+        self._weights = {_storage_id(t) for t in list(self.model.parameters()) + frozen_tensors(self.model)}
+        self._seen, self.bytes, self.count = set(), 0, 0
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+class CudaPeak:
+    """Allocator peaks over a window of steps (None off CUDA)."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict:
+        if not self.cuda:
+            return {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
+        torch.cuda.synchronize()
+        return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+
+
+def allocated_bytes(device: str) -> int | None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        return int(torch.cuda.memory_allocated())
+    return None

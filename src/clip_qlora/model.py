@@ -1,0 +1,206 @@
+"""Loading an open_clip CLIP and making it adaptable: split attention, one precision policy, text encoding.
+
+Both arms of the study start here with identical weights and dtypes; the backends (bf16, nf4) differ only in
+how the frozen block Linears are stored afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+
+from .io import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Random-init weights must be the same in both arms (and across stages), so they come from a fixed seed.
+INIT_SEED = 0
+BLOCK_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def register_configs() -> None:
+    """Make the shipped architectures (clip-tiny) known to open_clip by name."""
+    if "clip-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+class SplitAttention(nn.Module):
+    """Multi-head attention with separate q, k, v and out Linears.
+
+    open_clip packs q, k and v into one `in_proj_weight` of `nn.MultiheadAttention`; PEFT LoRA and
+    bitsandbytes both need ordinary `nn.Linear` modules, so the packed weight is split once here.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, causal: bool):
+        super().__init__()
+        d, self.num_heads, self.causal = mha.embed_dim, mha.num_heads, causal
+        bias = mha.in_proj_bias is not None
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            for i, lin in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                lin.weight.copy_(mha.in_proj_weight[i * d:(i + 1) * d])
+                if bias:
+                    lin.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if self.out_proj.bias is not None:
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
+        # Called like nn.MultiheadAttention by open_clip's block (batch_first). The text tower's float mask is
+        # the plain causal mask, so `is_causal` replaces it and lets SDPA pick its flash/efficient kernels.
+        k_x = q_x if k_x is None else k_x
+        v_x = q_x if v_x is None else v_x
+        b, n, d = q_x.shape
+        h = self.num_heads
+
+        def heads(t):
+            return t.view(b, -1, h, d // h).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(q_x)), heads(self.k_proj(k_x)), heads(self.v_proj(v_x))
+        if self.causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = None if attn_mask is None else attn_mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+def split_attention(model: nn.Module) -> nn.Module:
+    """Replace every nn.MultiheadAttention in both towers by SplitAttention (in place)."""
+    for tower, causal in ((model.visual, False), (model, True)):
+        for block in tower.transformer.resblocks:
+            if isinstance(block.attn, nn.MultiheadAttention):
+                if not block.attn.batch_first:
+                    raise UserError("model: only batch-first open_clip transformers are supported")
+                block.attn = SplitAttention(block.attn, causal=causal)
+    return model
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint safely: safetensors, or torch.load with weights_only=True (no pickled code)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "attn_mask"]
+    if missing or unexpected:
+        raise UserError(f"model.pretrained: {path} does not fit the architecture "
+                        f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+def create_clip(arch: str, pretrained: str) -> tuple[nn.Module, bool]:
+    """Build an fp32 open_clip CLIP. Returns (model, pretrained?) — random init is not a result."""
+    register_configs()
+    if arch not in open_clip.list_models():
+        raise UserError(f"model.arch: unknown architecture {arch!r}; expected an open_clip name "
+                        f"such as ViT-B-16 or the shipped clip-tiny")
+    torch.manual_seed(INIT_SEED)
+    if pretrained in ("none", "", None):
+        log.warning("model.pretrained is 'none': random weights. Memory and time are real, accuracy is not.")
+        return open_clip.create_model(arch, pretrained=None), False
+    path = Path(str(pretrained)).expanduser()
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
+        if not path.exists():
+            raise UserError(f"model.pretrained: checkpoint {path} not found")
+        model = open_clip.create_model(arch, pretrained=None)
+        _load_checkpoint(model, path)
+        return model, True
+    if pretrained not in open_clip.list_pretrained_tags_by_model(arch):
+        raise UserError(f"model.pretrained: {pretrained!r} is not an open_clip tag for {arch} "
+                        f"(known: {open_clip.list_pretrained_tags_by_model(arch)}), a local checkpoint, or 'none'")
+    try:
+        return open_clip.create_model(arch, pretrained=pretrained), True
+    except Exception as e:  # hub errors come in many types; all mean the weights are not here
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+        raise UserError(
+            f"model.pretrained: weights {arch}/{pretrained} are not in the Hugging Face cache"
+            f"{' and HF_HUB_OFFLINE is set' if offline else ' and could not be downloaded'} ({type(e).__name__}); "
+            f"either run once with network to cache them, or set model.pretrained to a local "
+            f".safetensors/.pt checkpoint") from None
+
+
+def prepare_precision(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """One precision policy for both arms: everything in compute_dtype except LayerNorms, kept in fp32."""
+    model.to(compute_dtype)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.float()
+    return model
+
+
+def build_base(arch: str, pretrained: str, compute_dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """open_clip CLIP with split attention in the common precision, frozen, on CPU."""
+    model, is_pretrained = create_clip(arch, pretrained)
+    split_attention(model)
+    prepare_precision(model, compute_dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model, is_pretrained
+
+
+def block_linears(model: nn.Module):
+    """(name, parent, attr, Linear) for every q/k/v/out/c_fc/c_proj Linear of both towers' blocks."""
+    for prefix, tower in (("visual.transformer", model.visual.transformer), ("transformer", model.transformer)):
+        for i, block in enumerate(tower.resblocks):
+            for path in BLOCK_LINEARS:
+                parent_name, attr = path.split(".")
+                parent = getattr(block, parent_name)
+                yield f"{prefix}.resblocks.{i}.{path}", parent, attr, getattr(parent, attr)
+
+
+# ---- features ----------------------------------------------------------------------------------------
+
+@dataclass
+class TextTokens:
+    """Class prompts tokenised and cut after the longest prompt's end-of-text token."""
+    tokens: torch.Tensor  # (n_classes, context)
+
+    @classmethod
+    def from_prompts(cls, prompts: list[str], arch: str, truncate: bool = True) -> "TextTokens":
+        tok = open_clip.get_tokenizer(arch)(prompts)
+        if truncate:
+            # The text tower is causal and pools at the EOT token (the largest id), so tokens after the
+            # longest prompt's EOT cannot change any class feature: drop them (9 instead of 77 tokens typically).
+            tok = tok[:, : int(tok.argmax(dim=-1).max()) + 1]
+        return cls(tok)
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's encode_text for any context length <= the model's (unnormalised features)."""
+    n = tokens.shape[1]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n] if model.attn_mask is not None else None)
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type)
+    if isinstance(model.text_projection, nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
+def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model.visual(images)
+
+
+def preprocess_stats(model: nn.Module) -> tuple[int, tuple, tuple]:
+    """Input size and normalisation of the vision tower."""
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return int(size), tuple(mean), tuple(std)

@@ -1,0 +1,35 @@
+"""Shared fixtures: small bases built once per test session (clip-tiny, random weights, fp32 on CPU)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from clip_qlora.base import make_base, save_base
+from clip_qlora.config import Params
+
+NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_init_warning(caplog):
+    caplog.set_level(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def saved_bases(tmp_path_factory):
+    """models/bf16 and models/nf4 of clip-tiny in fp32 compute, as the quantize stage would save them."""
+    root = tmp_path_factory.mktemp("models")
+    for base, settings in (("bf16", None), ("nf4", NF4)):
+        model, meta = make_base("clip-tiny", "none", base, settings, torch.float32, "cpu")
+        save_base(model, meta, root / base)
+    return {"bf16": root / "bf16", "nf4": root / "nf4"}
+
+
+@pytest.fixture
+def tiny_params():
+    p = Params(datasets=["shapes"])
+    p.model.arch = "clip-tiny"
+    p.model.pretrained = "none"
+    return p

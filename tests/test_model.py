@@ -1,0 +1,107 @@
+"""Loading, attention surgery, precision policy and exact text context (issue: model core 1-3, 7)."""
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from clip_qlora import model as M
+from clip_qlora.base import make_base
+from clip_qlora.io import UserError
+
+PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "x", "a photo of a very, very long name."]
+
+
+def _pair(arch):
+    ref, _ = M.create_clip(arch, "none")
+    ref.eval()
+    split = M.split_attention(copy.deepcopy(ref)).eval()
+    return ref, split
+
+
+@pytest.mark.parametrize("arch", ["clip-tiny", "ViT-B-16"])
+def test_split_attention_keeps_features(arch):
+    ref, split = _pair(arch)
+    size = M.preprocess_stats(ref)[0]
+    img = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tok = open_clip.get_tokenizer(arch)(PROMPTS)
+    with torch.no_grad():
+        assert (ref.encode_image(img) - M.encode_image(split, img)).abs().max() <= 1e-5
+        assert (ref.encode_text(tok) - M.encode_text(split, tok)).abs().max() <= 1e-5
+    for tower in (split.visual.transformer, split.transformer):
+        for block in tower.resblocks:
+            assert isinstance(block.attn, M.SplitAttention)
+            assert all(isinstance(getattr(block.attn, n), nn.Linear)
+                       for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    assert split.transformer.resblocks[0].attn.causal and not split.visual.transformer.resblocks[0].attn.causal
+
+
+def test_truncated_text_context_is_exact():
+    _, split = _pair("clip-tiny")
+    full = open_clip.get_tokenizer("clip-tiny")(PROMPTS)
+    short = M.TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
+    assert short.shape[1] < 20 < full.shape[1] == 77
+    assert short.shape[1] == int(full.argmax(-1).max()) + 1  # ends at the longest prompt's EOT
+    with torch.no_grad():
+        assert (M.encode_text(split, full) - M.encode_text(split, short)).abs().max() <= 1e-5
+
+
+def test_both_arms_share_every_non_quantized_dtype():
+    """The two arms differ only in how frozen block Linear weights are stored."""
+    arms = {}
+    for base, settings in (("bf16", None), ("nf4", {"type": "nf4", "double_quant": True, "blocksize": 64})):
+        model, _ = make_base("clip-tiny", "none", base, settings, torch.bfloat16, "cpu")
+        quantized = {f"{n}.weight" for n, *_ in M.block_linears(model)}
+        arms[base] = {k: v.dtype for k, v in model.state_dict().items()
+                      if k in dict(model.named_parameters()) or k in dict(model.named_buffers())
+                      if k not in quantized}
+        ln = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+        assert ln and all(m.weight.dtype == torch.float32 for m in ln)
+        # open_clip's text cast dtype must stay the compute dtype, not the 4-bit storage's uint8
+        assert model.transformer.get_cast_dtype() == torch.bfloat16
+    assert arms["bf16"] == arms["nf4"]
+    assert arms["bf16"]["token_embedding.weight"] == torch.bfloat16
+
+
+def test_random_init_is_flagged_and_seeded():
+    a, pre_a = M.create_clip("clip-tiny", "none")
+    b, _ = M.create_clip("clip-tiny", "none")
+    assert pre_a is False
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_local_checkpoint_loads_exactly(tmp_path, fmt):
+    torch.manual_seed(123)
+    src = open_clip.create_model("clip-tiny")
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    path = tmp_path / f"ckpt.{fmt}"
+    save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"state_dict": sd}, path)
+    model, pretrained = M.create_clip("clip-tiny", str(path))
+    assert pretrained is True
+    assert torch.equal(model.token_embedding.weight, src.token_embedding.weight)
+
+
+def test_uncached_tag_offline_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError) as e:
+        M.create_clip("RN50", "openai")
+    msg = str(e.value)
+    assert "\n" not in msg and "RN50/openai" in msg
+    assert "local" in msg and "network" in msg  # the two ways to provide the weights
+
+
+@pytest.mark.parametrize("arch,pretrained,needle", [
+    ("ViT-Nope", "none", "model.arch"),
+    ("clip-tiny", "no-such-tag", "model.pretrained"),
+    ("clip-tiny", "/nonexistent/weights.safetensors", "not found"),
+])
+def test_bad_model_settings(arch, pretrained, needle):
+    with pytest.raises(UserError, match=needle):
+        M.create_clip(arch, pretrained)
