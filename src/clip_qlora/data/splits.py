@@ -1,0 +1,136 @@
+"""Split files: preparing them from a dataset folder, writing, and reading them back validated.
+
+A split file is the whole data contract between stages: class names, prompt template, test list and one
+k-shot draw per seed, with image paths relative to data.root. Later stages trust a split only after
+`load_split` has checked it, so every problem surfaces as one line naming the file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..io import UserError, atomic_dir, read_json, write_json
+from .draw import draw_shots
+from .images import open_rgb
+from .layouts import escapes
+from .registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
+
+log = logging.getLogger(__name__)
+
+KEYS = ("dataset", "classnames", "template", "source", "shots", "test", "train", "replacement")
+
+
+def _ensure_folder(name: str, spec: DatasetSpec, root: Path, download: bool) -> None:
+    folder = root / spec.folder
+    if folder.is_dir():
+        return
+    if spec.fetch is None:
+        raise UserError(f"{name}: no data at {folder}, and it cannot be downloaded: place {spec.image_dir}/ and "
+                        f"{spec.split_file} at {folder}")
+    if not (download or spec.offline):
+        raise UserError(f"{name}: no data at {folder}; place {spec.image_dir}/ and {spec.split_file} there "
+                        f"(CoOp layout), or set data.download: true to fetch it with torchvision")
+    try:
+        # built in a temporary folder that replaces `folder` only when complete: an interrupted download
+        # leaves no half-filled folder that a later run would take for data
+        with atomic_dir(folder) as tmp:
+            spec.fetch(spec, tmp)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"{name}: could not fetch into {folder} ({e}); place the data there by hand") from None
+
+
+def _readable(root: Path):
+    def check(path: str) -> bool:
+        try:
+            open_rgb(root / path)
+            return True
+        except UserError as e:
+            log.warning("skipping unreadable training image: %s", e)
+            return False
+    return check
+
+
+def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], download: bool, template: str) -> dict:
+    """Read (fetching or generating it first if allowed) `dataset` under `root` and draw `shots` per class per seed."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if template not in ("clip", "coop"):
+        raise UserError(f"template must be 'clip' or 'coop', got {template!r}")
+    if type(shots) is not int or shots < 1:
+        raise UserError(f"shots must be a positive integer, got {shots!r}")
+    if not seeds or any(type(s) is not int for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    root = Path(root)
+    spec = DATASETS[dataset]
+    _ensure_folder(dataset, spec, root, download)
+    part = spec.partition(root)
+    train, replacement = {}, {}
+    for seed in seeds:
+        train[str(seed)], replacement[str(seed)] = draw_shots(part.train, part.classnames, shots, seed,
+                                                             _readable(root), dataset)
+    split = {
+        "dataset": dataset,
+        "classnames": part.classnames,
+        "template": CLIP_TEMPLATE if template == "clip" else spec.coop_template,
+        "source": part.source,
+        "shots": shots,
+        # sorted so the split does not depend on the order of the dataset's own files
+        "test": [[path, label] for path, label in sorted(part.test, key=lambda e: (e[1], e[0]))],
+        "train": train,
+        "replacement": replacement,  # per seed, the classes with fewer than `shots` images (drawn with replacement)
+    }
+    return validate(split, root, str(root / spec.folder / spec.split_file))
+
+
+def write_split(path: Path, split: dict) -> None:
+    write_json(path, split)
+
+
+def load_split(path: Path, root: Path) -> dict:
+    return validate(read_json(path), Path(root), str(path))
+
+
+def class_prompts(split: dict) -> list[str]:
+    return [split["template"].format(name) for name in split["classnames"]]
+
+
+def _is_label(x) -> bool:
+    return type(x) is int  # bool is an int subclass, and JSON 1.0 is not a label
+
+
+def validate(split, root: Path, where: str) -> dict:
+    """Check structure, paths and labels; raise one line naming `where` on the first problem."""
+    if not isinstance(split, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(split).__name__}")
+    missing = [k for k in KEYS if k not in split]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+    names = split["classnames"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{where}: 'classnames' must be a non-empty list of strings")
+    if not (isinstance(split["template"], str) and "{}" in split["template"]):
+        raise UserError(f"{where}: 'template' must be a string containing {{}}")
+    if not (_is_label(split["shots"]) and split["shots"] >= 1):
+        raise UserError(f"{where}: 'shots' must be a positive integer")
+    if not (isinstance(split["train"], dict) and split["train"]):
+        raise UserError(f"{where}: 'train' must map each seed to a list of [path, label]")
+    if not isinstance(split["replacement"], dict):
+        raise UserError(f"{where}: 'replacement' must map each seed to a list of class names")
+    lists = [("test", split["test"])] + [(f"train[{seed}]", rows) for seed, rows in split["train"].items()]
+    seen: set[str] = set()
+    for name, rows in lists:
+        if not isinstance(rows, list):
+            raise UserError(f"{where}: '{name}' must be a list of [path, label]")
+        for entry in rows:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and _is_label(entry[1])):
+                raise UserError(f"{where}: {name} entry {entry!r} is not [path, label]")
+            path, label = entry
+            if escapes(path):
+                raise UserError(f"{where}: image path {path!r} is outside data.root (absolute or containing '..')")
+            if not 0 <= label < len(names):
+                raise UserError(f"{where}: label {label} of {path!r} is out of range 0..{len(names) - 1}")
+            if path not in seen:
+                if not (root / path).is_file():
+                    raise UserError(f"{where}: image {root / path} does not exist")
+                seen.add(path)
+    return split

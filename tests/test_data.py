@@ -1,0 +1,384 @@
+"""The data layer against small copies of every on-disk layout (no network, no real datasets)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.datasets
+
+from clip_qlora.data import (DATASETS, DatasetSpec, augment, class_prompts, eval_loader, load_split,
+                             load_train_images, prepare_split, write_split)
+from clip_qlora.io import UserError
+
+from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, root_path, truncate,
+                           write_image)
+
+LAYOUT_NAMES = list(LAYOUTS)
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+def prepare(root: Path, dataset: str, shots: int = 4, seeds=(1, 2), template: str = "clip") -> dict:
+    return prepare_split(dataset, root, shots, list(seeds), download=False, template=template)
+
+
+def test_registry_has_every_dataset():
+    assert set(DATASETS) == {"eurosat", "dtd", "caltech101", "oxford_pets", "oxford_flowers", "food101",
+                             "fgvc_aircraft", "ucf101", "shapes"}
+    assert set(LAYOUTS) == set(DATASETS) - {"shapes"}
+
+
+@pytest.mark.parametrize("dataset", LAYOUT_NAMES)
+def test_reads_layout_and_draws_k_shots(tmp_path, dataset):
+    rows = build(tmp_path, dataset)
+    split = prepare(tmp_path, dataset)
+    assert split["dataset"] == dataset
+    assert split["classnames"] == CLASSNAMES[dataset]
+    assert split["template"] == "a photo of a {}."
+    assert split["source"] == DATASETS[dataset].split_file
+    assert split["shots"] == 4
+    assert sorted(map(tuple, split["test"])) == sorted((root_path(dataset, rel), label)
+                                                       for rel, label, _ in rows["test"])
+    train_by_class = {label: {root_path(dataset, rel) for rel, lab, _ in rows["train"] if lab == label}
+                      for label in range(3)}
+    for seed in ("1", "2"):
+        drawn = split["train"][seed]
+        assert [label for _, label in drawn] == [0] * 4 + [1] * 4 + [2] * 4
+        for label in range(3):
+            paths = [path for path, lab in drawn if lab == label]
+            assert set(paths) <= train_by_class[label]  # never val or test images
+            # k distinct where the class has k, all of them (repeated) where it has fewer
+            assert len(set(paths)) == min(4, TRAIN_COUNTS[label])
+        assert split["replacement"][seed] == [CLASSNAMES[dataset][2]]
+    assert split["train"]["1"] != split["train"]["2"]
+
+
+COOP_FIRST_PROMPT = {
+    "eurosat": "a centered satellite photo of Annual Crop Land.",
+    "dtd": "banded texture.",
+    "caltech101": "a photo of a accordion.",
+    "oxford_pets": "a photo of a abyssinian, a type of pet.",
+    "oxford_flowers": "a photo of a pink primrose, a type of flower.",
+    "food101": "a photo of apple pie, a type of food.",
+    "fgvc_aircraft": "a photo of a 707-320, a type of aircraft.",
+    "ucf101": "a photo of a person doing Apply Eye Makeup.",
+}
+
+
+@pytest.mark.parametrize("dataset", LAYOUT_NAMES)
+def test_both_templates(tmp_path, dataset):
+    build(tmp_path, dataset)
+    clip = class_prompts(prepare(tmp_path, dataset, template="clip"))
+    coop = class_prompts(prepare(tmp_path, dataset, template="coop"))
+    assert clip == [f"a photo of a {name}." for name in CLASSNAMES[dataset]]
+    assert coop[0] == COOP_FIRST_PROMPT[dataset]
+    assert len(coop) == 3
+
+
+@pytest.mark.parametrize("dataset", LAYOUT_NAMES)
+def test_split_is_reproducible_and_independent_of_listing_order(tmp_path, dataset):
+    plain = build(tmp_path / "a", dataset)
+    shuffled = build(tmp_path / "b", dataset, shuffle=7)
+    assert plain["train"] != shuffled["train"]  # the second tree really lists things in another order
+    first = prepare(tmp_path / "a", dataset)
+    assert prepare(tmp_path / "a", dataset) == first
+    assert prepare(tmp_path / "b", dataset) == first
+
+
+def test_no_replacement_when_every_class_has_k(tmp_path):
+    build(tmp_path, "dtd")
+    split = prepare(tmp_path, "dtd", shots=2, seeds=[0, 1, 5])
+    for seed in ("0", "1", "5"):
+        assert split["replacement"][seed] == []
+        paths = [path for path, _ in split["train"][seed]]
+        assert len(paths) == len(set(paths)) == 6
+
+
+def test_write_and_load_split_round_trip(tmp_path):
+    build(tmp_path, "oxford_pets")
+    split = prepare(tmp_path, "oxford_pets")
+    write_split(tmp_path / "out" / "split.json", split)
+    assert load_split(tmp_path / "out" / "split.json", tmp_path) == split
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "split.json"]  # no temporary left over
+
+
+def test_load_train_images(tmp_path):
+    build(tmp_path, "caltech101")
+    split = prepare(tmp_path, "caltech101")
+    images, labels = load_train_images(split, 2, tmp_path, 32)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [label for _, label in split["train"]["2"]]
+    # the class with 2 images was drawn with replacement: a repeated path decodes to the same pixels
+    paths = [path for path, _ in split["train"]["2"]]
+    repeated = Counter(paths).most_common(1)[0][0]
+    i, j = [k for k, path in enumerate(paths) if path == repeated][:2]
+    assert torch.equal(images[i], images[j])
+    with pytest.raises(UserError, match="seed 9"):
+        load_train_images(split, 9, tmp_path, 32)
+
+
+def test_augment_is_deterministic_per_generator():
+    images = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
+
+    def run(seed: int) -> torch.Tensor:
+        return augment(images, torch.Generator().manual_seed(seed), 24, MEAN, STD)
+
+    out = run(0)
+    assert out.shape == (16, 3, 24, 24) and out.dtype == torch.float32
+    assert torch.equal(out, run(0))
+    assert not torch.allclose(out, run(1))
+
+
+def test_augment_normalises():
+    colour = torch.tensor([10, 128, 250], dtype=torch.uint8).view(1, 3, 1, 1)
+    images = colour.expand(8, 3, 32, 32).contiguous()
+    out = augment(images, torch.Generator().manual_seed(3), 32, MEAN, STD)
+    expected = (colour.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(out, expected.expand_as(out), atol=1e-5)
+
+
+def test_augment_crops_and_flips():
+    # a left-to-right ramp: each output row is monotone, its direction tells the flip, its span the crop width
+    size = 32
+    ramp = torch.linspace(0, 255, size).round().to(torch.uint8)
+    images = ramp.view(1, 1, 1, size).expand(400, 3, size, size).contiguous()
+    out = augment(images, torch.Generator().manual_seed(0), size, (0, 0, 0), (1, 1, 1))[:, 0, size // 2] * 255
+    steps = out[:, 1:] - out[:, :-1]
+    rising, falling = (steps >= -1e-3).all(1), (steps <= 1e-3).all(1)
+    assert (rising | falling).all()
+    assert 150 < int((falling & ~rising).sum()) < 250  # flip with p = 0.5
+    span = (out[:, -1] - out[:, 0]).abs() / 255
+    assert span.max() <= 1.0 + 1e-4
+    assert span.min() > 0.2  # widest aspect and smallest area: sqrt(0.08 * 3/4) of the width
+    assert span.std() > 0.1  # crops of many sizes
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_eval_loader_yields_whole_test_split(tmp_path, workers):
+    build(tmp_path, "food101")
+    split = prepare(tmp_path, "food101")
+    batches = list(eval_loader(split, tmp_path, 20, MEAN, STD, batch_size=4, workers=workers))
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    assert images.shape == (3 * N_TEST, 3, 20, 20) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [label for _, label in split["test"]]
+    # write_image fills with one colour, so the normalised mean recovers it
+    low = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    high = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    per_channel = images.mean(dim=(2, 3))
+    assert ((per_channel >= low - 0.05) & (per_channel <= high + 0.05)).all()
+
+
+def test_shapes_is_generated_offline_and_deterministic(tmp_path):
+    start = time.perf_counter()
+    split = prepare(tmp_path / "a", "shapes", shots=16)
+    assert time.perf_counter() - start < 5
+    assert len(split["classnames"]) == 12 and "red circle" in split["classnames"]
+    assert all(len(name.split()) == 2 for name in split["classnames"])
+    assert len(split["test"]) == 12 * 20
+    assert Counter(label for _, label in split["train"]["1"]) == {label: 16 for label in range(12)}
+    assert split["replacement"] == {"1": [], "2": []}
+    assert split["source"] == "synthetic shapes, seed 0, generated by clip-qlora"
+    assert prepare(tmp_path / "b", "shapes", shots=16) == split
+    path = split["test"][-1][0]
+    assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+    images, _ = load_train_images(split, 1, tmp_path / "a", 64)
+    assert images.float().std() > 20  # backgrounds are noisy, not flat
+
+
+def test_a_ninth_dataset_is_one_registry_entry(tmp_path, monkeypatch):
+    monkeypatch.setitem(DATASETS, "dtd_copy", DatasetSpec("DTD", "images", "split_zhou_DescribableTextures.json",
+                                                          "{} pattern."))
+    build(tmp_path, "dtd")
+    split = prepare(tmp_path, "dtd_copy", template="coop")
+    assert split["dataset"] == "dtd_copy" and class_prompts(split)[0] == "banded pattern."
+
+
+# ---- error cases ----
+
+@pytest.mark.parametrize("dataset", [d for d in LAYOUT_NAMES if d != "ucf101"])
+def test_missing_dataset_without_download(tmp_path, dataset):
+    with pytest.raises(UserError) as e:
+        prepare(tmp_path, dataset)
+    message = str(e.value)
+    assert "\n" not in message
+    assert dataset in message and str(tmp_path / DATASETS[dataset].folder) in message
+    assert "data.download: true" in message and DATASETS[dataset].image_dir in message
+
+
+def test_ucf101_cannot_be_downloaded(tmp_path):
+    with pytest.raises(UserError, match=r"cannot be downloaded: place UCF-101-midframes/ .* at .*UCF101"):
+        prepare_split("ucf101", tmp_path, 4, [1], download=True, template="clip")
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
+        prepare_split("imagenet", tmp_path, 4, [1], download=False, template="clip")
+    with pytest.raises(UserError, match="template must be"):
+        prepare_split("shapes", tmp_path, 4, [1], download=False, template="fancy")
+    with pytest.raises(UserError, match="shots"):
+        prepare_split("shapes", tmp_path, 0, [1], download=False, template="clip")
+    with pytest.raises(UserError, match="seeds"):
+        prepare_split("shapes", tmp_path, 4, [1, 1], download=False, template="clip")
+
+
+def test_split_file_naming_a_missing_image(tmp_path):
+    rows = build(tmp_path, "eurosat")
+    split = prepare(tmp_path, "eurosat")
+    write_split(tmp_path / "split.json", split)
+    gone = tmp_path / split["train"]["1"][0][0]
+    gone.unlink()
+    with pytest.raises(UserError) as e:
+        load_split(tmp_path / "split.json", tmp_path)
+    assert str(tmp_path / "split.json") in str(e.value) and str(gone) in str(e.value)
+    assert "does not exist" in str(e.value)
+    # at preparation a missing test image is an error naming the dataset's split file and the image
+    (tmp_path / root_path("eurosat", rows["test"][0][0])).unlink()
+    with pytest.raises(UserError, match=r"split_zhou_EuroSAT\.json: image .*does not exist"):
+        prepare(tmp_path, "eurosat")
+
+
+def test_malformed_json(tmp_path):
+    (tmp_path / "split.json").write_text('{"dataset": "dtd",\n  "classnames": [}')
+    with pytest.raises(UserError, match=r"split\.json: malformed JSON at line 2, column"):
+        load_split(tmp_path / "split.json", tmp_path)
+    build(tmp_path, "dtd")
+    (tmp_path / "DTD" / "split_zhou_DescribableTextures.json").write_text('{"train": [')
+    with pytest.raises(UserError, match=r"split_zhou_DescribableTextures\.json: malformed JSON"):
+        prepare(tmp_path, "dtd")
+
+
+@pytest.mark.parametrize("bad_path", ["../x.jpg", "DTD/images/../../../x.jpg", "/etc/x.jpg"])
+def test_paths_escaping_root(tmp_path, bad_path):
+    build(tmp_path, "dtd")
+    split = prepare(tmp_path, "dtd")
+    split["test"][0][0] = bad_path
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    with pytest.raises(UserError, match=r"split\.json: image path .* is outside data\.root"):
+        load_split(tmp_path / "split.json", tmp_path)
+    # the same in a dataset's own split file
+    file = tmp_path / "DTD" / "split_zhou_DescribableTextures.json"
+    rows = json.loads(file.read_text())
+    rows["train"][0][0] = bad_path
+    file.write_text(json.dumps(rows))
+    with pytest.raises(UserError, match=r"split_zhou_DescribableTextures\.json: image path"):
+        prepare(tmp_path, "dtd")
+
+
+def test_missing_keys_and_bad_labels(tmp_path):
+    build(tmp_path, "ucf101")
+    split = prepare(tmp_path, "ucf101")
+    file = tmp_path / "split.json"
+    file.write_text(json.dumps({k: v for k, v in split.items() if k not in ("test", "shots")}))
+    with pytest.raises(UserError, match=r"split\.json: missing key\(s\) shots, test"):
+        load_split(file, tmp_path)
+    split["train"]["1"][0][1] = 3
+    file.write_text(json.dumps(split))
+    with pytest.raises(UserError, match=r"split\.json: label 3 of .* out of range 0\.\.2"):
+        load_split(file, tmp_path)
+    split["train"]["1"][0] = ["UCF101/x.jpg"]
+    file.write_text(json.dumps(split))
+    with pytest.raises(UserError, match=r"split\.json: train\[1\] entry .* is not \[path, label\]"):
+        load_split(file, tmp_path)
+
+
+def test_fgvc_unknown_variant(tmp_path):
+    build(tmp_path, "fgvc_aircraft")
+    with open(tmp_path / "fgvc_aircraft" / "images_variant_test.txt", "a") as f:
+        f.write("0999999 Concorde\n")
+    with pytest.raises(UserError, match=r"images_variant_test\.txt:7: variant 'Concorde' is not in variants\.txt"):
+        prepare(tmp_path, "fgvc_aircraft")
+
+
+def test_unreadable_training_image_is_skipped_or_fatal(tmp_path, caplog):
+    build(tmp_path, "dtd")
+    first = prepare(tmp_path, "dtd", seeds=[1])
+    drawn = [path for path, label in first["train"]["1"] if label == 0]
+    truncate(tmp_path / drawn[0])
+    with caplog.at_level(logging.WARNING):
+        split = prepare(tmp_path, "dtd", seeds=[1])
+    assert drawn[0] in caplog.text
+    again = [path for path, label in split["train"]["1"] if label == 0]
+    assert drawn[0] not in again and len(set(again)) == 4  # the class still has 4 readable images
+    assert set(drawn[1:]) <= set(again)
+    (tmp_path / again[0]).write_bytes(b"not an image")
+    with pytest.raises(UserError, match=r"dtd: class 'banded' has 3 readable training images, fewer than 4"):
+        prepare(tmp_path, "dtd", seeds=[1])
+
+
+# ---- download branch, with torchvision's dataset classes replaced by fakes that write its layout ----
+
+class FakeFood101:
+    def __init__(self, root, split, download):
+        assert download
+        self.classes = ["apple_pie", "sushi"]
+        self._image_files, self._labels = [], []
+        for label, cls in enumerate(self.classes):
+            for i in range(6 if split == "train" else 2):
+                file = Path(root) / "food-101" / "images" / cls / f"{split}{i}.jpg"
+                if not file.exists():
+                    write_image(file, 10 * label + i)
+                self._image_files.append(file)
+                self._labels.append(label)
+        (Path(root) / "food-101.tar.gz").write_bytes(b"archive")
+
+
+class FakeEuroSAT:
+    def __init__(self, root, download):
+        for label, cls in enumerate(["AnnualCrop", "Forest"]):
+            for i in range(10):
+                write_image(Path(root) / "eurosat" / "2750" / cls / f"{cls}_{i}.jpg", 10 * label + i)
+
+
+class FakeFGVCAircraft:
+    def __init__(self, root, split, download):
+        data = Path(root) / "fgvc-aircraft-2013b" / "data"
+        data.mkdir(parents=True)
+        (data / "variants.txt").write_text("707-320\nA300B4\n")
+        for part, ids in [("train", [1, 2, 3, 4, 5, 6]), ("val", [7, 8]), ("test", [9, 10])]:
+            (data / f"images_variant_{part}.txt").write_text(
+                "".join(f"{i:07d} {'707-320' if i % 2 else 'A300B4'}\n" for i in ids))
+            for i in ids:
+                write_image(data / "images" / f"{i:07d}.jpg", i)
+
+
+def test_download_food101(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "Food101", FakeFood101)
+    split = prepare_split("food101", tmp_path, 4, [1], download=True, template="coop")
+    assert split["source"] == "torchvision Food101 official train/test partition, made by clip-qlora"
+    assert split["classnames"] == ["apple pie", "sushi"]
+    assert len(split["test"]) == 4 and split["test"][0][0] == "Food101/images/apple_pie/test0.jpg"
+    assert sorted(p.name for p in (tmp_path / "Food101").iterdir()) == ["images", "split_zhou_Food101.json"]
+    # the placed copy is read like a hand-placed one, and keeps saying where it came from
+    assert prepare_split("food101", tmp_path, 4, [1], download=False, template="coop") == split
+
+
+def test_download_eurosat_has_a_holdout_partition(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "EuroSAT", FakeEuroSAT)
+    split = prepare_split("eurosat", tmp_path, 4, [1], download=True, template="clip")
+    assert split["classnames"] == ["Annual Crop", "Forest"]
+    assert "no official partition" in split["source"]
+    assert len(split["test"]) == 2 * 3  # 30% of 10 per class
+    assert not {p for p, _ in split["train"]["1"]} & {p for p, _ in split["test"]}
+
+
+def test_download_fgvc(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "FGVCAircraft", FakeFGVCAircraft)
+    split = prepare_split("fgvc_aircraft", tmp_path, 2, [1], download=True, template="clip")
+    assert split["classnames"] == ["707-320", "A300B4"]
+    assert [p for p, _ in split["test"]] == ["fgvc_aircraft/images/0000009.jpg", "fgvc_aircraft/images/0000010.jpg"]
+
+
+def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torchvision.datasets, "DTD", offline)
+    with pytest.raises(UserError, match=r"dtd: could not fetch into .*DTD \(network is unreachable\)"):
+        prepare_split("dtd", tmp_path, 4, [1], download=True, template="clip")
+    assert list(tmp_path.iterdir()) == []
