@@ -1,0 +1,68 @@
+"""A controlled memory/time profile of one method on synthetic inputs at the model's real size.
+
+It runs the same `optimizer_step` as training; only the inputs are synthetic (random pixels, numbered class
+prompts), since memory and speed do not depend on what the images show.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .base import load_base
+from .memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
+from .train import build_run, loss_on, optimizer_step
+
+
+def parse_batch(spec: str) -> tuple[int, int]:
+    micro, accum = (int(x) for x in spec.split("x"))
+    return micro, accum
+
+
+def synthetic_prompts(n_classes: int) -> list[str]:
+    return [f"a photo of a class number {i}." for i in range(n_classes)]
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
+            device: str) -> dict:
+    """Static bytes, saved-activation bytes, allocator peaks and median step time of one configuration."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = allocated_bytes(device) or 0
+    run = build_run(base_dir, params, method, synthetic_prompts(n_classes), device, warmup + steps + 1)
+    static_alloc = allocated_bytes(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(micro * accum, 3, run.size, run.size, generator=g, device=device)
+    y = torch.randint(0, n_classes, (micro * accum,), generator=g, device=device)
+    batches = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
+    for _ in range(warmup):
+        optimizer_step(run, batches)
+    acts = SavedActivations(run.model)
+    with acts.track():  # one micro-batch's forward: what backward will hold at its peak
+        loss = loss_on(run, *batches[0])
+    del loss
+    run.optimizer.zero_grad(set_to_none=True)
+    peak = CudaPeak(device)
+    peak.reset()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        optimizer_step(run, batches)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    tb = trainable_bytes(run.model, run.optimizer)
+    out = {"static_bytes": frozen_weight_bytes(run.model),
+           "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
+           "trainable_params": tb["trainable_params"],
+           "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
+           "saved_activation_bytes": acts.bytes, **peak.read(), "step_ms": statistics.median(times)}
+    del run, batches, x
+    return out

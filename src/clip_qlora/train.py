@@ -1,0 +1,234 @@
+"""Few-shot training: the one training step (used by train, profile and the benchmark) and the loop.
+
+Read top to bottom: `Run` holds what a step needs, `optimizer_step` is the step, `train_seed` the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import adapters as ad
+from .backends import METHODS
+from .base import load_base, resolve_dtype
+from .io import UserError, atomic_dir, atomic_path
+from .memory import CudaPeak, SavedActivations
+from .model import TextTokens, encode_image, encode_text, preprocess_stats
+from .progress import Bar
+
+
+@dataclass
+class Run:
+    """Everything one optimizer step needs. Built once per (method, seed)."""
+    model: nn.Module            # PeftModel around the CLIP module
+    clip: nn.Module             # the CLIP module itself (adapters injected in place)
+    tokens: torch.Tensor        # class prompts, cut to the shortest exact context, on device
+    text_trainable: bool        # text tower has adapters -> class features recomputed with grad every step
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    compute_dtype: torch.dtype
+    device: str
+    logit_scale: float
+    size: int
+    mean: tuple
+    std: tuple
+    meta: dict                  # the saved base's description
+    _text_cache: torch.Tensor | None = None
+
+    def autocast(self):
+        # The same autocast in both arms: matmuls in compute dtype, LayerNorm/softmax/loss in fp32.
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.compute_dtype)
+
+    def class_features(self) -> torch.Tensor:
+        if self.text_trainable:
+            return F.normalize(encode_text(self.clip, self.tokens), dim=-1)
+        if self._text_cache is None:  # frozen text tower: the features cannot change, encode them once
+            with torch.no_grad():
+                self._text_cache = F.normalize(encode_text(self.clip, self.tokens), dim=-1)
+        return self._text_cache
+
+
+def build_run(base_dir: str | Path, params, method: str, prompts: list[str], device: str, total_steps: int,
+              adapter_dir: str | Path | None = None) -> Run:
+    """Load the saved base, add (or load) adapters, and set up the optimizer for `total_steps` steps."""
+    _, gc = METHODS[method]
+    model, meta = load_base(base_dir, device)
+    peft_model = (ad.load_adapters(model, adapter_dir, trainable=True) if adapter_dir
+                  else ad.add_adapters(model, params.lora))
+    clip = ad.inner(peft_model)
+    clip.set_grad_checkpointing(gc)  # open_clip checkpoints per block, non-reentrant (adapters get grads)
+    peft_model.train()
+    t = params.train
+    trainable = ad.trainable_parameters(peft_model)
+    fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                                  fused=fused)
+    if t.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=t.min_lr)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    size, mean, std = preprocess_stats(clip)
+    tokens = TextTokens.from_prompts(prompts, meta["arch"]).tokens.to(device)
+    return Run(peft_model, clip, tokens, ad.text_has_adapters(params.lora), optimizer, scheduler,
+               getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta)
+
+
+def loss_on(run: Run, images: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the fixed-scale cosine logits (CLIP-LoRA's objective)."""
+    with run.autocast():
+        text = run.class_features() if text is None else text
+        img = F.normalize(encode_image(run.clip, images), dim=-1)
+        logits = run.logit_scale * img @ text.t()
+    return F.cross_entropy(logits.float(), labels)
+
+
+def optimizer_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One optimizer step over equally sized micro-batches; their gradients sum to the full batch's.
+
+    With accumulation the class features are encoded once per step, not once per micro-batch: each
+    micro-batch backpropagates into a detached copy, and the summed gradient then flows through the text
+    tower in one backward. Same gradients as the full batch, a single text pass instead of `accum`.
+    """
+    n = len(micro_batches)
+    if n == 1:
+        loss = loss_on(run, *micro_batches[0])
+        loss.backward()
+        total = loss.detach()
+    else:
+        with run.autocast():
+            text = run.class_features()
+        leaf = text.detach().requires_grad_(text.requires_grad)
+        total = torch.zeros((), device=run.device)
+        for images, labels in micro_batches:
+            loss = loss_on(run, images, labels, leaf) / n
+            loss.backward()
+            total += loss.detach()
+        if text.requires_grad:
+            text.backward(leaf.grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return total
+
+
+# ---- the data side of a step ---------------------------------------------------------------------------
+
+def _step_seed(seed: int, step: int) -> int:
+    # Each step's randomness (sampling, augmentation, dropout) derives from (seed, step) alone, so a resumed
+    # run replays exactly what an uninterrupted one would have done, with no RNG state to carry over.
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of `step`'s batch: consecutive slices of per-epoch permutations (every image once per epoch)."""
+    pos = torch.arange(step * batch, (step + 1) * batch)
+    epochs, offsets = pos // n, pos % n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(seed, -1 - e)))
+        sel = epochs == e
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+def make_micro_batches(run: Run, images_u8, labels, seed: int, step: int, micro: int, accum: int):
+    from .data import augment
+
+    idx = batch_indices(len(images_u8), micro * accum, seed, step).to(images_u8.device)
+    gen = torch.Generator(device=images_u8.device).manual_seed(_step_seed(seed, step))
+    x = augment(images_u8[idx], gen, run.size, run.mean, run.std)
+    y = labels[idx]
+    return [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
+
+
+# ---- checkpoints (resume after pre-emption) ---------------------------------------------------------------
+
+def save_checkpoint(run: Run, path: Path, step: int) -> None:
+    state = {"step": step,
+             "adapters": {k: v.detach().cpu() for k, v in run.model.named_parameters() if v.requires_grad},
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(run: Run, path: Path) -> int:
+    state = torch.load(path, map_location=run.device, weights_only=True)  # tensors only, no pickled code
+    params = dict(run.model.named_parameters())
+    with torch.no_grad():
+        for k, v in state["adapters"].items():
+            params[k].copy_(v)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: int, device: str,
+               adapter_out: Path, ckpt_path: Path, live=None, description: str = "train") -> dict:
+    """Train one seed's adapters and save them (PEFT format). Resumes from `ckpt_path` if present."""
+    t = params.train
+    steps = t.iterations_per_shot * params.data.shots
+    torch.manual_seed(seed)  # adapter init (lora_A) depends on the seed, as in CLIP-LoRA
+    run = build_run(base_dir, params, method, prompts, device, steps)
+    start = load_checkpoint(run, ckpt_path) if ckpt_path.exists() else 0
+    images_u8, labels = images_u8.to(device), labels.to(device)
+    peak = CudaPeak(device)
+    acts = SavedActivations(run.model)
+    window, window_ms, loss = 50, [], None
+    bar = Bar(steps, description)
+    peak.reset()
+    _sync(device)
+    t0 = tw = time.perf_counter()
+    for step in bar(range(start, steps)):
+        torch.manual_seed(_step_seed(seed, step))  # dropout masks of this step
+        batches = make_micro_batches(run, images_u8, labels, seed, step, t.micro_batch, t.grad_accum)
+        if step == start:  # count saved activations on the first step only (hooks cost time)
+            with acts.track():
+                loss = optimizer_step(run, batches)
+        else:
+            loss = optimizer_step(run, batches)
+        if (step + 1) % window == 0 or step + 1 == steps:
+            value = float(loss)  # syncs the device, so only once per window
+            if not math.isfinite(value):
+                raise UserError(f"train: loss became {value} at step {step + 1} ({method}, seed {seed}); "
+                                f"lower train.lr or use compute_dtype fp32 to find the cause")
+            now = time.perf_counter()
+            n = (step + 1 - start) % window or window
+            window_ms.append((now - tw) * 1000 / n)
+            tw = now
+            bar.note(f"loss {value:.3f}")
+            if live is not None:  # DVCLive appends a row per metric at live.step
+                live.step = step + 1
+                live.log_metric("train/loss", value)
+                live.log_metric("train/lr", run.scheduler.get_last_lr()[0])
+                mem = peak.read()
+                if mem["peak_allocated_bytes"] is not None:
+                    live.log_metric("train/peak_allocated_gib", mem["peak_allocated_bytes"] / 2**30)
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(run, ckpt_path, step + 1)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    with atomic_dir(adapter_out) as tmp:
+        ad.save_adapters(run.model, tmp)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return {"train_seconds": seconds, "steps": steps, "resumed_from": start,
+            "final_loss": float(loss) if loss is not None else None,
+            "saved_activation_bytes": acts.bytes, "step_ms_median": statistics.median(window_ms) if window_ms else None,
+            "trainable_params": sum(p.numel() for p in ad.trainable_parameters(run.model)),
+            "is_pretrained": run.meta["is_pretrained"], **peak.read()}
