@@ -1,0 +1,374 @@
+"""Tests of the aggregate stage (clip_qlora.report) on fake per-stage metrics files."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from clip_qlora import report
+from clip_qlora.io import UserError
+
+METHODS = ["lora", "lora_gc", "qlora", "qlora_gc"]
+DATASETS = ["eurosat", "dtd"]
+SEEDS = [1, 2]
+STATIC = {"bf16": 300_000_000, "nf4": 118_000_000}
+# accuracy per (method, dataset, seed); qlora a little worse than lora
+ACC = {
+    ("lora", "eurosat"): [80.0, 81.0], ("lora", "dtd"): [60.0, 62.0],
+    ("lora_gc", "eurosat"): [80.5, 80.5], ("lora_gc", "dtd"): [61.0, 61.5],
+    ("qlora", "eurosat"): [79.5, 80.5], ("qlora", "dtd"): [59.9, 61.5],
+    ("qlora_gc", "eurosat"): [79.0, 80.0], ("qlora_gc", "dtd"): [60.5, 61.0],
+}
+ZERO_SHOT = {"eurosat": 48.0, "dtd": 44.0}
+STEP_MS = {"lora": 100.0, "lora_gc": 130.0, "qlora": 125.0, "qlora_gc": 160.0}
+TRAIN_S = {"lora": 400.0, "lora_gc": 520.0, "qlora": 700.0, "qlora_gc": 710.0}
+SAVED = {"lora": 2_000_000_000, "lora_gc": 500_000_000, "qlora": 2_100_000_000, "qlora_gc": 520_000_000}
+PEAK = {"lora": 760_000_000, "lora_gc": 400_000_000, "qlora": 1_090_000_000, "qlora_gc": 270_000_000}
+BATCHES = {"b4x8": 1.0, "b32x1": 5.0}  # multiplier of the peaks / saved activations per config
+CLASSES = {"eurosat": ["Forest", "River", "Highway"], "dtd": ["banded", "woven"]}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _std(xs):
+    m = _mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
+def _base(m):
+    return "nf4" if m.startswith("qlora") else "bf16"
+
+
+def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=True, gpu=False,
+                unpretrained_file: str | None = None):
+    """Write fake metrics/, dvclive/ and plots/confusion/ under `root` (CPU: allocator fields null)."""
+    device = "NVIDIA H200" if gpu else "cpu (x86_64, 2 threads)"
+    ver = {"python": "3.11", "torch": "2.6"}
+
+    def w(rel, obj):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pre = pretrained and rel != unpretrained_file
+        if isinstance(obj, dict) and "pretrained" in obj:
+            obj = {**obj, "pretrained": pre}
+        p.write_text(json.dumps(obj))
+
+    for base in {_base(m) for m in methods}:
+        w(f"metrics/static/{base}.json", {
+            "base": base, "static_bytes": STATIC[base],
+            "memory_allocated_bytes": STATIC[base] + 1_000_000 if gpu else None,
+            "arch": "ViT-B-16", "pretrained": True, "device": device,
+            "quant": {"type": "nf4", "double_quant": True, "blocksize": 64} if base == "nf4" else None,
+            "versions": ver})
+    for m in methods:
+        for d in datasets:
+            w(f"metrics/train/{m}/{d}.json", {
+                "method": m, "dataset": d, "pretrained": True, "device": device, "trainable_params": 184_320,
+                "seeds": SEEDS, "steps": 8, "train_seconds_mean": TRAIN_S[m] + (10.0 if d == "dtd" else 0.0),
+                "peak_allocated_bytes": (PEAK[m] + (1000 if d == "dtd" else 0)) if gpu else None,
+                "peak_reserved_bytes": PEAK[m] * 2 if gpu else None,
+                "saved_activation_bytes": SAVED[m], "step_ms_median": STEP_MS[m],
+                "per_seed": {str(s): {"train_seconds": TRAIN_S[m], "final_loss": 0.5,
+                                      "peak_allocated_bytes": PEAK[m] if gpu else None} for s in SEEDS},
+                "versions": ver})
+            accs = ACC[m, d]
+            w(f"metrics/eval/{m}/{d}.json", {
+                "method": m, "dataset": d, "pretrained": True, "accuracy_mean": _mean(accs),
+                "accuracy_std": _std(accs), "accuracy": {str(s): a for s, a in zip(SEEDS, accs)},
+                "zero_shot_accuracy": ZERO_SHOT[d], "per_class": {c: 50.0 for c in CLASSES[d]},
+                "n_test": 30})
+            loss = root / f"dvclive/train/{m}/{d}/seed1/plots/metrics/train"
+            loss.mkdir(parents=True, exist_ok=True)
+            step_every = 1 if m != "qlora_gc" else 2  # different logging steps must still plot
+            (loss / "loss.tsv").write_text("timestamp\tstep\tloss\n" + "".join(
+                f"{1700000000000 + s}\t{s}\t{2.0 / (s + 1):.5f}\n" for s in range(0, 8, step_every)))
+            (loss / "lr.tsv").write_text("timestamp\tstep\tlr\n" + "".join(
+                f"{1700000000000 + s}\t{s}\t0.0002\n" for s in range(8)))
+            cls = CLASSES[d]
+            w(f"plots/confusion/{m}/{d}.json",
+              [{"actual": cls[i % len(cls)], "predicted": cls[(i + (i % 3 == 0)) % len(cls)]} for i in range(30)])
+        w(f"metrics/profile/{m}.json", {
+            "method": m, "static_bytes": STATIC[_base(m)], "trainable_params": 184_320, "device": device,
+            "pretrained": True, "arch": "ViT-B-16",
+            **{b: {"saved_activation_bytes": int(SAVED[m] * f),
+                   "peak_allocated_bytes": int(PEAK[m] * f) if gpu else None,
+                   "peak_reserved_bytes": int(PEAK[m] * f * 1.5) if gpu else None,
+                   "step_ms": STEP_MS[m] * f} for b, f in BATCHES.items()}})
+
+
+def run(root: Path, methods=METHODS, datasets=DATASETS, figures="plots/figures"):
+    buf = io.StringIO()
+    console = Console(file=buf, width=250, color_system=None)
+    summary = report.aggregate(methods, datasets, root / "metrics", root / "metrics" / "summary.json",
+                               root / "reports" / "results.md", root / figures, console=console)
+    return summary, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu")
+    make_inputs(root)
+    summary, out = run(root)
+    return root, summary, out
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    make_inputs(root, gpu=True)
+    summary, out = run(root, figures="plots")  # PNGs beside the plot data, as in the brief's layout
+    return root, summary, out
+
+
+def _walk(obj, path=""):
+    assert isinstance(obj, dict), path
+    for k, v in obj.items():
+        assert isinstance(k, str)
+        if isinstance(v, dict):
+            yield from _walk(v, f"{path}.{k}")
+        else:
+            yield f"{path}.{k}".lstrip("."), v
+
+
+def test_summary_values_exact(cpu_run):
+    root, s, _ = cpu_run
+    assert json.loads((root / "metrics" / "summary.json").read_text()) == s
+    acc = {m: _mean([_mean(ACC[m, d]) for d in DATASETS]) for m in METHODS}
+    for m in METHODS:
+        b = s[m]
+        assert b["accuracy_mean"] == acc[m]
+        assert b["accuracy_std"] == _mean([_std(ACC[m, d]) for d in DATASETS])
+        assert b["accuracy"] == {d: _mean(ACC[m, d]) for d in DATASETS}
+        assert b["zero_shot_mean"] == _mean(list(ZERO_SHOT.values()))
+        assert b["static_bytes"] == STATIC[_base(m)]
+        assert b["train_seconds"] == _mean([TRAIN_S[m], TRAIN_S[m] + 10.0])
+        assert b["step_ms"] == STEP_MS[m]
+        assert b["saved_activation_bytes"] == SAVED[m]
+        assert b["profile"]["b4x8"]["step_ms"] == STEP_MS[m]
+        assert b["profile"]["b32x1"]["step_ms"] == STEP_MS[m] * 5.0
+        assert b["profile"]["b32x1"]["saved_activation_bytes"] == int(SAVED[m] * 5.0)
+        # CPU: allocator fields were null, so they are absent rather than null
+        assert "peak_allocated_bytes" not in b and "peak_allocated_bytes" not in b["profile"]["b4x8"]
+    for m in ("qlora", "qlora_gc", "lora_gc"):
+        c = s[f"{m}_vs_lora"]
+        ratio = STATIC[_base(m)] / STATIC["bf16"]
+        assert c["accuracy_delta"] == acc[m] - acc["lora"]
+        assert c["static_ratio"] == ratio
+        assert c["static_saving_pct"] == 100.0 * (1.0 - ratio)
+        assert c["step_time_ratio"] == STEP_MS[m] / STEP_MS["lora"]
+        assert c["train_time_ratio"] == (TRAIN_S[m] + 5.0) / (TRAIN_S["lora"] + 5.0)
+        assert c["profile"]["b32x1"]["step_time_ratio"] == (STEP_MS[m] * 5.0) / (STEP_MS["lora"] * 5.0)
+        assert "peak_ratio" not in c
+    assert s["qlora_vs_lora"]["static_ratio"] == 118_000_000 / 300_000_000
+    assert s["pretrained"] is True
+    assert s["device"] == "cpu (x86_64, 2 threads)"
+    assert s["n_seeds"] == 2
+    assert s["best_method"] == "lora_gc"
+
+
+def test_summary_gpu_peaks(gpu_run):
+    _, s, _ = gpu_run
+    assert s["lora"]["peak_allocated_bytes"] == PEAK["lora"] + 1000  # max over datasets
+    assert s["lora"]["static_allocated_bytes"] == STATIC["bf16"] + 1_000_000
+    c = s["qlora_vs_lora"]
+    assert c["peak_ratio"] == (PEAK["qlora"] + 1000) / (PEAK["lora"] + 1000)
+    assert c["profile"]["b4x8"]["peak_ratio"] == int(PEAK["qlora"] * 1.0) / int(PEAK["lora"] * 1.0)
+    assert c["profile"]["b32x1"]["peak_ratio"] == int(PEAK["qlora"] * 5.0) / int(PEAK["lora"] * 5.0)
+    assert s["qlora"]["profile"]["b32x1"]["peak_reserved_bytes"] == int(PEAK["qlora"] * 5.0 * 1.5)
+
+
+def test_summary_scalar_leafed(cpu_run, gpu_run):
+    for _, s, _ in (cpu_run, gpu_run):
+        leaves = dict(_walk(s))
+        assert leaves, "empty summary"
+        for key, v in leaves.items():
+            assert isinstance(v, (int, float, str, bool)) and v is not None, key
+        assert "qlora_vs_lora.static_ratio" in leaves and "qlora.accuracy_mean" in leaves
+        assert "lora.profile.b4x8.step_ms" in leaves
+
+
+def test_report_tables_and_quotes(cpu_run, gpu_run):
+    root, s, out = cpu_run
+    md = (root / "reports" / "results.md").read_text()
+    assert "## Accuracy" in md and "## Resources" in md and "## What changed" in md
+    # accuracy table: one row per dataset plus the mean row, cells "mean ± std"
+    e = ACC["qlora", "eurosat"]
+    assert f"{_mean(e):.2f} ± {_std(e):.2f}" in md
+    assert f"**{s['qlora']['accuracy_mean']:.2f} ± {s['qlora']['accuracy_std']:.2f}**" in md
+    assert "mean ± std over 2 seeds" in md and "zero-shot" in md
+    # the two reference rows, labelled as quoted
+    assert "quoted, not measured here" in md
+    ref_lines = [ln for ln in md.splitlines() if ln.startswith("| CLIP-LoRA, paper Table 1")
+                 or ln.startswith("| QLoRA + GC, bs 32x1, seed 1")]
+    assert len(ref_lines) == 2
+    assert "| 84.9 | 63.8 | 95.2 | 91.0 | 93.7 | 82.7 | 37.9 | 81.1 | 78.79 |" in ref_lines[0]
+    assert "| 87.90 | 58.39 | 94.36 | 91.50 | 87.49 | 82.29 | 32.58 | 75.97 | 76.31 |" in ref_lines[1]
+    # per-dataset quoted values beside the measured ones (EuroSAT, DTD)
+    eurosat_row = next(ln for ln in md.splitlines() if ln.startswith("| eurosat |"))
+    assert eurosat_row.rstrip().endswith("| 84.9 | 87.90 |")
+    # resources table: device named, batch rows, quoted study figures beside
+    assert "Measured on **cpu (x86_64, 2 threads)**" in md
+    res_rows = [ln for ln in md.splitlines() if ln.startswith("| QLoRA (`qlora`) |")]
+    assert [r.split("|")[2].strip() for r in res_rows] == ["4x8", "32x1", "training³"]
+    assert "| 0.11 | 1.02 | 12:13 |" in res_rows[0] and "| 6.96 |" in res_rows[1]
+    assert "RTX 4090" in md and "Caltech101" in md and "0.29" in md and "6:46" in md and "11:55" in md
+    assert f"{STATIC['nf4'] / 2**30:.2f}" in res_rows[0]
+    assert "n/a" in res_rows[0]  # CPU: no allocator peaks
+    # figures embedded with relative links
+    for name in ("accuracy", "memory", "step_time"):
+        assert f"(../plots/figures/{name}.png)" in md
+    gpu_md = (gpu_run[0] / "reports" / "results.md").read_text()
+    assert "(../plots/memory.png)" in gpu_md
+    # rich tables printed
+    assert "Accuracy (top-1 %" in out and "Resources on cpu" in out and "RANDOM-INIT" not in out
+
+
+def test_what_changed_sentence_matches_numbers(cpu_run, gpu_run):
+    for root, s, _ in (cpu_run, gpu_run):
+        md = (root / "reports" / "results.md").read_text()
+        c = s["qlora_vs_lora"]
+        expected = (f"QLoRA saves {c['static_saving_pct']:.0f} % of static memory "
+                    f"({STATIC['nf4'] / 2**30:.2f} vs {STATIC['bf16'] / 2**30:.2f} GiB), "
+                    f"costs {c['step_time_ratio']:.2f}x step time and {abs(c['accuracy_delta']):.1f} points "
+                    "of accuracy.")
+        assert expected == "QLoRA saves 61 % of static memory (0.11 vs 0.28 GiB), costs 1.25x step time and 0.4 points of accuracy."
+        assert expected in md
+        c = s["lora_gc_vs_lora"]
+        assert (f"LoRA + GC keeps static memory unchanged (0.28 GiB), costs {c['step_time_ratio']:.2f}x "
+                f"step time and gains {c['accuracy_delta']:.1f} points of accuracy.") in md
+        assert f"Total training time: {s['qlora_vs_lora']['train_time_ratio']:.2f}x LoRA's" in md
+    cpu_md = (cpu_run[0] / "reports" / "results.md").read_text()
+    assert "Peak allocated memory was not measured on this device" in cpu_md
+    gpu_md = (gpu_run[0] / "reports" / "results.md").read_text()
+    c = gpu_run[1]["qlora_gc_vs_lora"]
+    assert (f"Peak allocated memory relative to LoRA: {c['peak_ratio']:.2f}x during training, "
+            f"{c['profile']['b4x8']['peak_ratio']:.2f}x at batch 4x8, "
+            f"{c['profile']['b32x1']['peak_ratio']:.2f}x at batch 32x1.") in gpu_md
+
+
+def test_random_init_banner(cpu_run, tmp_path):
+    md = (cpu_run[0] / "reports" / "results.md").read_text()
+    assert "RANDOM-INITIALISED" not in md and "random-init" not in md.lower()
+    make_inputs(tmp_path, unpretrained_file="metrics/profile/qlora.json")
+    s, out = run(tmp_path)
+    assert s["pretrained"] is False
+    md = (tmp_path / "reports" / "results.md").read_text()
+    first = md.splitlines()[2]
+    assert first.startswith("> **⚠ RANDOM-INITIALISED WEIGHTS")
+    assert "accuracy figures below are not a result" in md and "remain valid" in md
+    assert "## Accuracy — random-init demo, NOT a result" in md
+    assert "not meaningful: random-initialised weights" in md
+    assert "RANDOM-INIT, NOT A RESULT" in out
+
+
+def test_pngs_valid(cpu_run, gpu_run):
+    for (root, _, _), figs in ((cpu_run, "plots/figures"), (gpu_run, "plots")):
+        for name in ("accuracy", "memory", "step_time"):
+            data = (root / figs / f"{name}.png").read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+            assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+        assert not list((root / "plots").rglob(".*tmp")), "temporary files left behind"
+
+
+def test_plot_data_files(cpu_run):
+    root, s, _ = cpu_run
+    acc = json.loads((root / "plots" / "accuracy.json").read_text())
+    assert len(acc) == len(METHODS) * len(DATASETS)
+    assert {"method": "qlora", "dataset": "dtd", "accuracy": _mean(ACC["qlora", "dtd"])}.items() <= next(
+        r for r in acc if r["method"] == "qlora" and r["dataset"] == "dtd").items()
+    mem = json.loads((root / "plots" / "memory.json").read_text())
+    assert {r["measure"] for r in mem} == {"static"}  # CPU: peaks unmeasured
+    st = json.loads((root / "plots" / "step_time.json").read_text())
+    assert {(r["method"], r["batch"]) for r in st} >= {("qlora", "4x8"), ("qlora", "32x1"), ("qlora", "training")}
+    loss = json.loads((root / "plots" / "loss" / "eurosat.json").read_text())
+    assert [r["step"] for r in loss] == list(range(8))
+    assert all(set(r) == {"step", *METHODS} for r in loss)
+    assert loss[1]["qlora_gc"] is None and loss[2]["qlora_gc"] == pytest.approx(2.0 / 3, abs=1e-5)
+    best = s["best_method"]
+    for d in DATASETS:
+        got = json.loads((root / "plots" / "confusion_best" / f"{d}.json").read_text())
+        assert got == json.loads((root / "plots" / "confusion" / best / f"{d}.json").read_text())
+
+
+def test_fewer_methods_and_stale_outputs(tmp_path):
+    make_inputs(tmp_path, methods=["lora", "qlora"], datasets=["eurosat"])
+    (tmp_path / "plots" / "confusion_best").mkdir(parents=True)
+    (tmp_path / "plots" / "confusion_best" / "stale.json").write_text("[]")
+    s, _ = run(tmp_path, methods=["lora", "qlora"], datasets=["eurosat"])
+    assert set(k for k in s if k.endswith("_vs_lora")) == {"qlora_vs_lora"}
+    assert [p.name for p in (tmp_path / "plots" / "confusion_best").iterdir()] == ["eurosat.json"]
+    loss = json.loads((tmp_path / "plots" / "loss" / "eurosat.json").read_text())
+    assert all(r["lora_gc"] is None for r in loss)  # every study method keeps a column
+
+
+@pytest.mark.parametrize("rel", ["metrics/static/nf4.json", "metrics/train/qlora/dtd.json",
+                                 "metrics/eval/lora_gc/eurosat.json", "metrics/profile/qlora_gc.json",
+                                 "dvclive/train/lora/dtd/seed1/plots/metrics/train/loss.tsv",
+                                 "plots/confusion/lora_gc/dtd.json"])
+def test_missing_input_names_file(tmp_path, rel):
+    make_inputs(tmp_path)
+    (tmp_path / rel).unlink()
+    with pytest.raises(UserError, match=str(tmp_path / rel).replace(".", r"\.")):
+        run(tmp_path)
+    assert not (tmp_path / "metrics" / "summary.json").exists()
+    assert not (tmp_path / "reports" / "results.md").exists()
+
+
+def test_malformed_input_is_user_error(tmp_path):
+    make_inputs(tmp_path)
+    p = tmp_path / "metrics" / "eval" / "qlora" / "dtd.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "accuracy_mean": None}))
+    with pytest.raises(UserError, match="accuracy_mean"):
+        run(tmp_path)
+    with pytest.raises(UserError, match="unknown method"):
+        run(tmp_path, methods=["lora", "dora"])
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo / ".site_cache")}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_dvc_plots_show_renders(gpu_run, cpu_run, tmp_path):
+    # the project's own plot declarations, as `dvc plots show` reads them
+    snippet = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["plots"]
+    assert isinstance(snippet, list) and snippet
+    for root, _, _ in (gpu_run, cpu_run):
+        repo = tmp_path / root.name
+        shutil.copytree(root, repo)
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        for args in (("init", "-q"), ("config", "core.analytics", "false")):
+            r = _dvc(repo, *args)
+            assert r.returncode == 0, r.stderr
+        (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": snippet}, sort_keys=False))
+        r = _dvc(repo, "plots", "show", "--json")
+        assert r.returncode == 0, r.stderr
+        shown = json.loads(r.stdout)
+        assert not shown.get("errors"), shown.get("errors")
+        data = shown["data"]
+        ids = set(data)
+        for d in DATASETS:
+            assert f"plots/loss/{d}.json" in ids and f"plots/confusion_best/{d}.json" in ids
+        assert {"plots/accuracy.json", "plots/memory.json", "plots/step_time.json"} <= ids
+        for pid, items in data.items():
+            assert items and all(it.get("type") == "vega" for it in items), pid
+            assert all(it["content"]["data"]["values"] for it in items), f"{pid}: no datapoints"
+        if root == cpu_run[0]:
+            continue  # the HTML writer is exercised once (on the GPU-shaped data), to keep the test fast
+        r = _dvc(repo, "plots", "show", "-o", "html")
+        assert r.returncode == 0, r.stderr
+        assert "WARNING" not in r.stderr and "ERROR" not in r.stderr, r.stderr
+        html = (repo / "html" / "index.html").read_text()
+        for pid in ids:  # one vegaEmbed div per plot, id = path with separators replaced
+            assert f"vegaEmbed('#{pid.replace('/', '_').replace('.', '_')}'" in html, pid
