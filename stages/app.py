@@ -1,0 +1,48 @@
+"""The Typer app every stage command registers on, and the one place errors become exit codes.
+
+A problem the user can fix (UserError) prints one line and exits 2; `--debug` shows the traceback.
+A CUDA out-of-memory error exits 3 with the memory seen and the options that reduce it.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="clip-qlora pipeline stages. Each reads params.yaml and writes only its declared outputs.")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file to read (the study: params.yaml)")
+DebugOpt = typer.Option(False, "--debug", help="show the full traceback on errors")
+
+
+def stage(fn):
+    """Wrap a stage command: logging set up, user errors as one line, OOM as advice."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        from clip_qlora.io import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if kwargs.get("debug"):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2)
+        except Exception as e:
+            import torch
+
+            if isinstance(e, torch.OutOfMemoryError) and not kwargs.get("debug"):
+                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+                print(f"error: CUDA out of memory after a peak of {peak:.2f} GiB allocated; use a method with "
+                      f"gradient checkpointing (lora_gc/qlora_gc) or a smaller micro-batch with more "
+                      f"accumulation (train.grad_accum)", file=sys.stderr)
+                raise typer.Exit(3)
+            raise
+
+    return wrapper

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+import typer
+
+from stages.app import DebugOpt, ParamsOpt, app, stage
+
+
+@app.command()
+@stage
+def prepare(dataset: str = typer.Option(..., help="dataset name from params.yaml 'datasets'"),
+            out: Path = typer.Option(None, help="split file to write [default: data/splits/<dataset>.json]"),
+            params: Path = ParamsOpt, debug: bool = DebugOpt):
+    """The few-shot split of one dataset: k images per class per seed, and the full test list."""
+    from clip_qlora import config
+    from clip_qlora.data import prepare_split, write_split
+
+    p = config.load(params)
+    config.require_member("dataset", dataset, p.datasets)
+    d = p.data
+    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template)
+    write_split(out or Path("data/splits") / f"{dataset}.json", split)
