@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import adapters as ad
 from .backends import METHODS
-from .base import load_base, resolve_dtype
+from .base import load_base
 from .io import UserError, atomic_dir, atomic_path
 from .memory import CudaPeak, SavedActivations
 from .model import TextTokens, encode_image, encode_text, preprocess_stats
@@ -60,8 +60,14 @@ class Run:
 def build_run(base_dir: str | Path, params, method: str, prompts: list[str], device: str, total_steps: int,
               adapter_dir: str | Path | None = None) -> Run:
     """Load the saved base, add (or load) adapters, and set up the optimizer for `total_steps` steps."""
-    _, gc = METHODS[method]
     model, meta = load_base(base_dir, device)
+    return run_on_model(model, meta, params, method, prompts, device, total_steps, adapter_dir)
+
+
+def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: list[str], device: str,
+                 total_steps: int, adapter_dir: str | Path | None = None) -> Run:
+    """`build_run` on a base already in memory (tests and benchmarks that skip the save/load)."""
+    _, gc = METHODS[method]
     peft_model = (ad.load_adapters(model, adapter_dir, trainable=True) if adapter_dir
                   else ad.add_adapters(model, params.lora))
     clip = ad.inner(peft_model)

@@ -1,0 +1,98 @@
+"""Exact memory accounting: frozen bytes (quant state included), trainable state, saved activations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip_qlora.base import make_base
+from clip_qlora.memory import SavedActivations, frozen_weight_bytes, trainable_bytes, unique_bytes
+from clip_qlora.model import block_linears
+from clip_qlora.train import loss_on, optimizer_step, run_on_model
+
+NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
+PROMPTS = [f"a photo of a class number {i}." for i in range(4)]
+
+
+def test_unique_bytes_counts_each_storage_once():
+    t = torch.zeros(10, 10)
+    assert unique_bytes([t, t[:5], t.view(100), torch.zeros(3, dtype=torch.bfloat16)]) == 400 + 6
+
+
+def test_frozen_bytes_are_exact_on_tiny():
+    bf16, _ = make_base("clip-tiny", "none", "bf16", None, torch.bfloat16, "cpu")
+    expected = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    expected += sum(b.numel() * b.element_size() for b in bf16.buffers())
+    assert frozen_weight_bytes(bf16) == expected
+
+    nf4, _ = make_base("clip-tiny", "none", "nf4", NF4, torch.bfloat16, "cpu")
+    packed = absmax = nested = 0
+    for _, _, _, lin in block_linears(nf4):
+        n = lin.in_features * lin.out_features
+        qs = lin.weight.quant_state
+        packed += n // 2                               # two 4-bit codes a byte
+        absmax += (n // 64) * 1                        # double quant: one uint8 absmax per 64 values
+        nested += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4 + qs.code.numel() * 4 + 4
+    dense_rest = expected - sum(lin.in_features * lin.out_features * 2 for *_, lin in block_linears(bf16))
+    assert frozen_weight_bytes(nf4) == dense_rest + packed + absmax + nested
+
+
+@pytest.fixture(scope="module")
+def vit_b16_runs():
+    """ViT-B-16 random weights, fp32 compute (CPU bf16 is slow); one in-memory base per arm."""
+    from clip_qlora.config import Params
+
+    p = Params(datasets=["shapes"])
+    p.model.arch = "ViT-B-16"
+    out = {}
+    for arm, base, settings in (("lora", "bf16", None), ("qlora", "nf4", NF4)):
+        model, meta = make_base("ViT-B-16", "none", base, settings, torch.float32, "cpu")
+        out[arm] = (model, meta, p)
+    return out
+
+
+def saved_bytes(runs, method, batch=8):
+    model, meta, p = runs[method.removesuffix("_gc")]
+    run = run_on_model(model, meta, p, method, PROMPTS, "cpu", 10)
+    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch) % len(PROMPTS)
+    acts = SavedActivations(run.model)
+    with acts.track():
+        loss = loss_on(run, images, labels)
+    del loss
+    run.clip.set_grad_checkpointing(False)
+    run.model.unload()  # take the adapters out again: the next method starts from the same base
+    return acts.bytes
+
+
+def test_vit_b16_nf4_frozen_bytes_ratio():
+    bf16, _ = make_base("ViT-B-16", "none", "bf16", None, torch.bfloat16, "cpu")
+    b = frozen_weight_bytes(bf16)
+    del bf16
+    nf4, _ = make_base("ViT-B-16", "none", "nf4", NF4, torch.bfloat16, "cpu")
+    ratio = frozen_weight_bytes(nf4) / b
+    print(f"ViT-B-16 frozen bytes: bf16 {b / 2**30:.4f} GiB, nf4/bf16 = {ratio:.4f}")
+    assert 0.36 < ratio <= 0.40
+
+
+def test_vit_b16_checkpointing_and_quantization_cut_saved_activations(vit_b16_runs):
+    got = {m: saved_bytes(vit_b16_runs, m) for m in ("lora", "lora_gc", "qlora", "qlora_gc")}
+    print({m: f"{v / 2**20:.1f} MiB" for m, v in got.items()})
+    assert got["lora"] >= 3 * got["lora_gc"]
+    assert got["qlora"] >= 3 * got["qlora_gc"]
+    assert got["qlora"] <= got["lora"]  # no dequantized weight is kept for backward
+    assert got["qlora_gc"] <= got["lora_gc"]
+
+
+def test_trainable_state_bytes(saved_bases, tiny_params):
+    from clip_qlora.base import load_base
+
+    model, meta = load_base(saved_bases["bf16"], "cpu")
+    run = run_on_model(model, meta, tiny_params, "lora", PROMPTS, "cpu", 10)
+    n = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    optimizer_step(run, [(images, labels)])
+    tb = trainable_bytes(run.model, run.optimizer)
+    assert tb["trainable_params"] == n and tb["params"] == tb["grads"] == 4 * n
+    # AdamW: exp_avg and exp_avg_sq in fp32 per parameter, plus a scalar step per tensor
+    n_tensors = sum(1 for p in run.model.parameters() if p.requires_grad)
+    assert tb["optimizer_state"] == 8 * n + 4 * n_tensors

@@ -1,0 +1,68 @@
+"""4-bit base: quantization settings, closeness to the bf16 features, save/reload without re-quantizing."""
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_qlora.base import load_base, make_base, save_base
+from clip_qlora.memory import frozen_weight_bytes
+from clip_qlora.model import TextTokens, block_linears, encode_image, encode_text
+
+PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "a photo of a green star."]
+
+
+def _features(model):
+    tok = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
+    img = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return F.normalize(encode_image(model, img), dim=-1), F.normalize(encode_text(model, tok), dim=-1)
+
+
+@pytest.mark.parametrize("qtype,double,blocksize", [("nf4", True, 64), ("nf4", False, 128), ("fp4", True, 256)])
+def test_every_block_linear_quantized_with_settings(qtype, double, blocksize):
+    settings = {"type": qtype, "double_quant": double, "blocksize": blocksize}
+    model, meta = make_base("clip-tiny", "none", "nf4", settings, torch.float32, "cpu")
+    layers = list(block_linears(model))
+    assert len(layers) == 2 * 2 * 6  # two towers x two blocks x (q, k, v, out, c_fc, c_proj)
+    for _, _, _, lin in layers:
+        assert isinstance(lin, bnb.nn.Linear4bit)
+        qs = lin.weight.quant_state
+        assert (qs.quant_type, qs.blocksize, qs.nested) == (qtype, blocksize, double)
+        assert lin.weight.dtype == torch.uint8 and lin.weight.numel() * 2 == lin.in_features * lin.out_features
+    # everything outside the blocks stays in the compute dtype
+    assert model.token_embedding.weight.dtype == torch.float32 and model.visual.conv1.weight.dtype == torch.float32
+    assert meta["settings"] == settings
+
+
+def test_quantized_features_stay_close_to_full_precision():
+    full, _ = make_base("clip-tiny", "none", "bf16", None, torch.float32, "cpu")
+    q, _ = make_base("clip-tiny", "none", "nf4", {"type": "nf4", "double_quant": True, "blocksize": 64},
+                     torch.float32, "cpu")
+    (fi, ft), (qi, qt) = _features(full), _features(q)
+    cos_img, cos_txt = (fi * qi).sum(-1), (ft * qt).sum(-1)
+    print(f"NF4 vs full precision cosine: image min {cos_img.min():.4f}, text min {cos_txt.min():.4f}")
+    assert cos_img.min() > 0.95 and cos_txt.min() > 0.95
+    assert cos_img.min() < 1 - 1e-6  # it really is quantized
+
+
+@pytest.mark.parametrize("base", ["bf16", "nf4"])
+def test_saved_base_reloads_identically(saved_bases, base):
+    a, meta = load_base(saved_bases[base], "cpu")
+    b, _ = load_base(saved_bases[base], "cpu")
+    fa, fb = _features(a), _features(b)
+    assert torch.equal(fa[0], fb[0]) and torch.equal(fa[1], fb[1])
+    assert frozen_weight_bytes(a) == frozen_weight_bytes(b)
+    if base == "nf4":
+        assert all(isinstance(lin, bnb.nn.Linear4bit) for *_, lin in block_linears(a))
+        assert a.transformer.get_cast_dtype() == torch.float32  # not uint8
+
+
+def test_reload_matches_the_model_that_was_saved(tmp_path):
+    settings = {"type": "nf4", "double_quant": True, "blocksize": 64}
+    model, meta = make_base("clip-tiny", "none", "nf4", settings, torch.float32, "cpu")
+    save_base(model, meta, tmp_path / "nf4")
+    again, _ = load_base(tmp_path / "nf4", "cpu")
+    for (x, y) in zip(_features(model), _features(again)):
+        assert torch.equal(x, y)

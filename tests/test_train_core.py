@@ -1,0 +1,78 @@
+"""The shared training step: checkpointing gives the same gradients, accumulation averages exactly,
+frozen text features are encoded once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clip_qlora.train import batch_indices, build_run, loss_on, optimizer_step
+
+PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
+
+
+def _run(saved_bases, params, method, steps=10):
+    base = saved_bases["bf16" if method.startswith("lora") else "nf4"]
+    torch.manual_seed(0)
+    run = build_run(base, params, method, PROMPTS, "cpu", steps)
+    with torch.no_grad():  # lora_B starts at zero, which would make lora_A's gradient zero too
+        for n, p in run.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(hash(n) % 2**31))
+    return run
+
+
+def _grads(run, images, labels):
+    run.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # same dropout masks in both runs (checkpointing replays the RNG)
+    loss_on(run, images, labels).backward()
+    return {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arm", ["lora", "qlora"])
+def test_checkpointing_gives_same_nonzero_grads(saved_bases, tiny_params, arm):
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+    plain = _grads(_run(saved_bases, tiny_params, arm), images, labels)
+    gc_run = _run(saved_bases, tiny_params, f"{arm}_gc")
+    assert gc_run.clip.visual.transformer.grad_checkpointing and gc_run.clip.transformer.grad_checkpointing
+    gc = _grads(gc_run, images, labels)
+    assert plain.keys() == gc.keys()
+    towers = {("visual" in n) for n in gc}
+    assert towers == {True, False}  # both towers' adapters are trained
+    for n, g in gc.items():
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, n
+        assert (g - plain[n]).abs().max() <= 1e-5, n
+
+
+def test_accumulation_equals_full_batch(saved_bases, tiny_params):
+    tiny_params.lora.dropout = 0.0  # no masks: both paths see identical functions
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    after = []
+    for accum in (1, 4):
+        run = _run(saved_bases, tiny_params, "lora")
+        micro = 8 // accum
+        optimizer_step(run, [(images[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro])
+                             for i in range(accum)])
+        after.append({n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad})
+    for n in after[0]:
+        assert (after[0][n] - after[1][n]).abs().max() <= 1e-6, n
+
+
+def test_frozen_text_tower_features_encoded_once(saved_bases, tiny_params):
+    tiny_params.lora.towers = ["vision"]
+    run = _run(saved_bases, tiny_params, "lora")
+    assert not run.text_trainable
+    first = run.class_features()
+    assert first is run.class_features() and not first.requires_grad
+    tiny_params.lora.towers = ["vision", "text"]
+    run = _run(saved_bases, tiny_params, "lora")
+    assert run.class_features().requires_grad
+
+
+def test_batches_cover_each_image_once_per_epoch():
+    n, batch = 10, 4
+    seen = torch.cat([batch_indices(n, batch, seed=3, step=s) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(n, batch, 3, 2), batch_indices(n, batch, 3, 2))
+    assert not torch.equal(seen[:10], torch.cat([batch_indices(n, batch, 4, s) for s in range(5)])[:10])
