@@ -116,14 +116,16 @@ def to_row(m: dict, baseline: int | None) -> dict:
     }
 
 
-def measure_one(label: str, fn, device: str) -> dict:
+def measure_one(label: str, fn, args: tuple, device: str) -> dict:
+    """fn(*args) in a fresh process on CUDA (clip_qlora.profile.isolated): peaks cannot leak across rows."""
     from clip_qlora.memory import allocated_bytes
+    from clip_qlora.profile import isolated
 
     free(device)
     baseline = allocated_bytes(device)
     t0 = time.perf_counter()
     try:
-        row = to_row(fn(), baseline)
+        row = to_row(isolated(fn, *args, device=device), baseline)
     except Exception as e:  # an OOM or a broken recipe: record it, keep measuring the rest
         traceback.print_exc()
         sys.stderr.flush()
@@ -387,11 +389,6 @@ def main(argv=None) -> dict:
                 log(str(base_dirs[base]))
             free(device)
 
-        def ours(method, b):
-            base_dir = base_dirs[BASE_OF[method]]
-            if isinstance(base_dir, Exception):
-                raise base_dir
-            return measure(params, method, base_dir, b, 1, args.n_classes, args.warmup, args.steps, device)
 
         n, i = len(methods) * len(batches), 0
         for method in methods:
@@ -399,9 +396,14 @@ def main(argv=None) -> dict:
                 i += 1
                 key = f"{method}-b{b}"
                 log(f"[{i}/{n}] {key}")
-                plain_row = measure_one("plain", lambda: measure_plain(
+                plain_row = measure_one("plain", measure_plain, (
                     method, args.arch, b, 1, args.n_classes, args.warmup, args.steps, device, dtype), device)
-                ours_row = measure_one("ours ", lambda: ours(method, b), device)
+                base_dir = base_dirs[BASE_OF[method]]
+                if isinstance(base_dir, Exception):
+                    ours_row = {"error": str(base_dir)}
+                else:
+                    ours_row = measure_one("ours ", measure, (params, method, base_dir, b, 1, args.n_classes,
+                                                               args.warmup, args.steps, device), device)
                 failed |= "error" in plain_row or "error" in ours_row
                 res["rows"][key] = {"ours": ours_row, "plain": plain_row}
                 r = {f: ratio(res["rows"], key, f) for f in ("peak_gib", "step_ms")}

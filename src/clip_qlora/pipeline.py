@@ -175,7 +175,7 @@ def evaluate(p, method: str, dataset: str) -> dict:
 # ---- profile -------------------------------------------------------------------------------------------------
 
 def profile(p, method: str) -> dict:
-    from .profile import measure, parse_batch
+    from .profile import isolated, measure, parse_batch
 
     device = resolve_device(p.model.device)
     base = _base_of(method)
@@ -183,7 +183,8 @@ def profile(p, method: str) -> dict:
     out = {"method": method, "arch": meta["arch"], "n_classes": p.profile.n_classes}
     for spec in p.profile.batches:
         micro, accum = parse_batch(spec)
-        r = measure(p, method, base, micro, accum, p.profile.n_classes, p.profile.warmup, p.profile.steps, device)
+        r = isolated(measure, p, method, base, micro, accum, p.profile.n_classes, p.profile.warmup,
+                     p.profile.steps, device, device=device)
         out["static_bytes"] = r["static_bytes"]
         out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
         out["trainable_params"] = r["trainable_params"]

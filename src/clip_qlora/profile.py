@@ -24,6 +24,19 @@ def synthetic_prompts(n_classes: int) -> list[str]:
     return [f"a photo of a class number {i}." for i in range(n_classes)]
 
 
+def isolated(fn, *args, device: str):
+    """Run fn(*args) in a fresh process on CUDA, so one configuration's allocations (and any memory a library
+    keeps alive after it) cannot inflate the next configuration's peak; in-process on CPU, where the
+    allocator is not measured."""
+    if not device.startswith("cuda"):
+        return fn(*args)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
