@@ -69,6 +69,7 @@ class Train:
     min_lr: float = 1e-6
     logit_scale: float = 100.0
     checkpoint_every: int = 500
+    cuda_graph: bool = True
 
     @property
     def micro_batch(self) -> int:
@@ -214,6 +215,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
         raise _bad("train.min_lr", t.min_lr, f"at most train.lr ({t.lr})")
     t.logit_scale = _num("train.logit_scale", t.logit_scale)
     _int("train.checkpoint_every", t.checkpoint_every)
+    _bool("train.cuda_graph", t.cuda_graph)
     _int("eval.batch_size", p.eval.batch_size)
     _int("eval.workers", p.eval.workers, lo=0)
     pr = p.profile

@@ -189,6 +189,7 @@ def profile(p, method: str) -> dict:
         out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
         out["trainable_params"] = r["trainable_params"]
         out["trainable_bytes"] = r["trainable_bytes"]
+        out["step_mode"] = r["step_mode"]
         out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
                                              "peak_reserved_bytes", "step_ms")}
     out.update(_common(p, device, meta["is_pretrained"]))

@@ -1,6 +1,6 @@
 """A controlled memory/time profile of one method on synthetic inputs at the model's real size.
 
-It runs the same `optimizer_step` as training; only the inputs are synthetic (random pixels, numbered class
+It runs the same step as training (`make_step`: a CUDA graph on GPU, eager on CPU); only the inputs are synthetic (random pixels, numbered class
 prompts), since memory and speed do not depend on what the images show.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from .base import load_base
 from .memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
-from .train import build_run, loss_on, optimizer_step
+from .train import build_run, loss_on, make_step
 
 
 def parse_batch(spec: str) -> tuple[int, int]:
@@ -55,20 +55,20 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
     x = torch.randn(micro * accum, 3, run.size, run.size, generator=g, device=device)
     y = torch.randint(0, n_classes, (micro * accum,), generator=g, device=device)
     batches = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
-    for _ in range(warmup):
-        optimizer_step(run, batches)
     acts = SavedActivations(run.model)
     with acts.track():  # one micro-batch's forward: what backward will hold at its peak
         loss = loss_on(run, *batches[0])
     del loss
-    run.optimizer.zero_grad(set_to_none=True)
+    step, mode = make_step(run, batches, params.train.cuda_graph)
+    for _ in range(warmup):
+        step(batches)
     peak = CudaPeak(device)
     peak.reset()
     times = []
     for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
-        optimizer_step(run, batches)
+        step(batches)
         _sync(device)
         times.append((time.perf_counter() - t0) * 1000)
     tb = trainable_bytes(run.model, run.optimizer)
@@ -76,6 +76,7 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
-           "saved_activation_bytes": acts.bytes, **peak.read(), "step_ms": statistics.median(times)}
+           "saved_activation_bytes": acts.bytes, **peak.read(), "step_ms": statistics.median(times),
+           "step_mode": mode}
     del run, batches, x
     return out

@@ -5,6 +5,9 @@ Read top to bottom: `Run` holds what a step needs, `optimizer_step` is the step,
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import logging
 import math
 import statistics
 import time
@@ -23,6 +26,8 @@ from .memory import CudaPeak, SavedActivations
 from .model import TextTokens, encode_image, encode_text, preprocess_stats
 from .progress import Bar
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Run:
@@ -32,7 +37,7 @@ class Run:
     tokens: torch.Tensor        # class prompts, cut to the shortest exact context, on device
     text_trainable: bool        # text tower has adapters -> class features recomputed with grad every step
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_at: object               # step -> learning rate (closed form: no scheduler state to carry)
     compute_dtype: torch.dtype
     device: str
     logit_scale: float
@@ -40,7 +45,16 @@ class Run:
     mean: tuple
     std: tuple
     meta: dict                  # the saved base's description
+    step: int = 0               # optimizer steps taken
     _text_cache: torch.Tensor | None = None
+
+    def set_lr(self) -> None:
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # device-side lr: a tiny kernel, no host sync, read by the CUDA graph
+            else:
+                group["lr"] = lr
 
     def autocast(self):
         # The same autocast in both arms: matmuls in compute dtype, LayerNorm/softmax/loss in fp32.
@@ -75,17 +89,25 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     peft_model.train()
     t = params.train
     trainable = ad.trainable_parameters(peft_model)
-    fused = device.startswith("cuda")  # one kernel for all parameters instead of several per tensor
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
-                                  fused=fused)
-    if t.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=t.min_lr)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cuda = device.startswith("cuda")
+    # On CUDA: one fused kernel for all parameters, and a device-side lr and step count so the whole step
+    # can be captured in a CUDA graph (GraphedStep).
+    optimizer = torch.optim.AdamW(trainable, lr=torch.tensor(t.lr, device=device) if cuda else t.lr,
+                                  weight_decay=t.weight_decay, betas=(0.9, 0.999), fused=cuda, capturable=cuda)
+    lr_at = functools.partial(cosine_lr if t.schedule == "cosine" else constant_lr, t.lr, t.min_lr, total_steps)
     size, mean, std = preprocess_stats(clip)
     tokens = TextTokens.from_prompts(prompts, meta["arch"]).tokens.to(device)
-    return Run(peft_model, clip, tokens, ad.text_has_adapters(params.lora), optimizer, scheduler,
+    return Run(peft_model, clip, tokens, ad.text_has_adapters(params.lora), optimizer, lr_at,
                getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta)
+
+
+def cosine_lr(lr: float, min_lr: float, total: int, step: int) -> float:
+    """Cosine decay from lr to min_lr over `total` steps, no warm-up (CLIP-LoRA's schedule)."""
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+
+
+def constant_lr(lr: float, min_lr: float, total: int, step: int) -> float:
+    return lr
 
 
 def loss_on(run: Run, images: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,8 +119,8 @@ def loss_on(run: Run, images: torch.Tensor, labels: torch.Tensor, text: torch.Te
     return F.cross_entropy(logits.float(), labels)
 
 
-def optimizer_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One optimizer step over equally sized micro-batches; their gradients sum to the full batch's.
+def _accumulate(run: Run, micro_batches) -> torch.Tensor:
+    """Forward and backward of every micro-batch; gradients sum to the full batch's. Returns the loss.
 
     With accumulation the class features are encoded once per step, not once per micro-batch: each
     micro-batch backpropagates into a detached copy, and the summed gradient then flows through the text
@@ -108,22 +130,94 @@ def optimizer_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tenso
     if n == 1:
         loss = loss_on(run, *micro_batches[0])
         loss.backward()
-        total = loss.detach()
-    else:
-        with run.autocast():
-            text = run.class_features()
-        leaf = text.detach().requires_grad_(text.requires_grad)
-        total = torch.zeros((), device=run.device)
-        for images, labels in micro_batches:
-            loss = loss_on(run, images, labels, leaf) / n
-            loss.backward()
-            total += loss.detach()
-        if text.requires_grad:
-            text.backward(leaf.grad)
+        return loss.detach()
+    with run.autocast():
+        text = run.class_features()
+    leaf = text.detach().requires_grad_(text.requires_grad)
+    total = torch.zeros((), device=run.device)
+    for images, labels in micro_batches:
+        loss = loss_on(run, images, labels, leaf) / n
+        loss.backward()
+        total += loss.detach()
+    if text.requires_grad:
+        text.backward(leaf.grad)
+    return total
+
+
+def optimizer_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One eager optimizer step over equally sized micro-batches."""
+    run.set_lr()
+    total = _accumulate(run, micro_batches)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    run.step += 1
     return total
+
+
+class GraphedStep:
+    """`optimizer_step` captured once in a CUDA graph and replayed.
+
+    A ViT-B/16 LoRA step launches well over a thousand small kernels; eager PyTorch spends more time
+    launching them than the GPU spends running them. Replaying a captured graph launches the whole step at
+    once. Same arithmetic as the eager step: the optimizer is AdamW with a device-side lr (capturable), the
+    dropout RNG is re-seeded before each replay exactly as in eager mode.
+    """
+
+    def __init__(self, run: Run, example: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.run = run
+        self.inputs = [(x.clone(), y.clone()) for x, y in example]
+        params = [p for g in run.optimizer.param_groups for p in g["params"]]
+        # Capture needs warm-up iterations, which would train: snapshot and restore everything they touch.
+        saved = ([p.detach().clone() for p in params], copy.deepcopy(run.optimizer.state_dict()))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():
+            for p, v in zip(params, saved[0]):
+                p.copy_(v)
+        _load_optimizer_in_place(run.optimizer, saved[1])
+        for p in params:  # gradients must live at fixed addresses, zeroed inside the graph
+            p.grad = torch.zeros_like(p)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._body()
+
+    def _body(self) -> torch.Tensor:
+        run = self.run
+        loss = _accumulate(run, self.inputs)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=False)
+        return loss
+
+    def __call__(self, micro_batches) -> torch.Tensor:
+        for (xs, ys), (x, y) in zip(self.inputs, micro_batches):
+            xs.copy_(x, non_blocking=True)
+            ys.copy_(y, non_blocking=True)
+        self.run.set_lr()  # writes this step's lr into the device tensor the graph reads
+        self.graph.replay()
+        self.run.step += 1
+        return self.loss
+
+
+def _load_optimizer_in_place(optimizer, state: dict) -> None:
+    # load_state_dict would allocate new state tensors; the graph needs the captured ones, so copy values
+    for group_state, (p, st) in zip(state["state"].values(), optimizer.state.items()):
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                v.copy_(group_state[k])
+
+
+def make_step(run: Run, example, use_graph: bool):
+    """The step function train and profile call: a replayed CUDA graph where possible, else eager."""
+    if use_graph and run.device.startswith("cuda"):
+        try:
+            return GraphedStep(run, example), "cuda_graph"
+        except Exception as e:  # an op that cannot be captured: measure and train eagerly, say so
+            log.warning("CUDA graph capture failed (%s: %s); running eager steps", type(e).__name__, e)
+    return (lambda batches: optimizer_step(run, batches)), "eager"
 
 
 # ---- the data side of a step ---------------------------------------------------------------------------
@@ -161,7 +255,7 @@ def make_micro_batches(run: Run, images_u8, labels, seed: int, step: int, micro:
 def save_checkpoint(run: Run, path: Path, step: int) -> None:
     state = {"step": step,
              "adapters": {k: v.detach().cpu() for k, v in run.model.named_parameters() if v.requires_grad},
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+             "optimizer": run.optimizer.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -173,8 +267,8 @@ def load_checkpoint(run: Run, path: Path) -> int:
         for k, v in state["adapters"].items():
             params[k].copy_(v)
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    run.step = int(state["step"])  # the lr follows from the step
+    return run.step
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
@@ -200,14 +294,17 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
     peak.reset()
     _sync(device)
     t0 = tw = time.perf_counter()
+    step_fn, mode = None, "eager"
     for step in bar(range(start, steps)):
-        torch.manual_seed(_step_seed(seed, step))  # dropout masks of this step
+        torch.manual_seed(_step_seed(seed, step))  # dropout masks of this step (also inside a CUDA graph)
         batches = make_micro_batches(run, images_u8, labels, seed, step, t.micro_batch, t.grad_accum)
-        if step == start:  # count saved activations on the first step only (hooks cost time)
+        if step == start:  # the first step eagerly, counting saved activations (hooks cannot be captured)
             with acts.track():
                 loss = optimizer_step(run, batches)
         else:
-            loss = optimizer_step(run, batches)
+            if step_fn is None:
+                step_fn, mode = make_step(run, batches, t.cuda_graph)
+            loss = step_fn(batches)
         if (step + 1) % window == 0 or step + 1 == steps:
             value = float(loss)  # syncs the device, so only once per window
             if not math.isfinite(value):
@@ -221,7 +318,7 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
             if live is not None:  # DVCLive appends a row per metric at live.step
                 live.step = step + 1
                 live.log_metric("train/loss", value)
-                live.log_metric("train/lr", run.scheduler.get_last_lr()[0])
+                live.log_metric("train/lr", run.lr_at(step))
                 mem = peak.read()
                 if mem["peak_allocated_bytes"] is not None:
                     live.log_metric("train/peak_allocated_gib", mem["peak_allocated_bytes"] / 2**30)
@@ -235,6 +332,6 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
         ckpt_path.unlink()
     return {"train_seconds": seconds, "steps": steps, "resumed_from": start,
             "final_loss": float(loss) if loss is not None else None,
-            "saved_activation_bytes": acts.bytes, "step_ms_median": statistics.median(window_ms) if window_ms else None,
+            "saved_activation_bytes": acts.bytes, "step_mode": mode, "step_ms_median": statistics.median(window_ms) if window_ms else None,
             "trainable_params": sum(p.numel() for p in ad.trainable_parameters(run.model)),
             "is_pretrained": run.meta["is_pretrained"], **peak.read()}
