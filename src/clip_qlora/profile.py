@@ -60,12 +60,14 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
         loss = loss_on(run, *batches[0])
     del loss
     step, mode = make_step(run, batches, params.train.cuda_graph)
-    for _ in range(warmup):
+    for i in range(warmup):
+        torch.manual_seed(i)  # as in training: each step re-seeds its dropout (a graph replay needs it too)
         step(batches)
     peak = CudaPeak(device)
     peak.reset()
     times = []
-    for _ in range(steps):
+    for i in range(steps):
+        torch.manual_seed(warmup + i)
         _sync(device)
         t0 = time.perf_counter()
         step(batches)

@@ -211,8 +211,13 @@ def _load_optimizer_in_place(optimizer, state: dict) -> None:
 
 
 def make_step(run: Run, example, use_graph: bool):
-    """The step function train and profile call: a replayed CUDA graph where possible, else eager."""
-    if use_graph and run.device.startswith("cuda"):
+    """The step function train and profile call: a replayed CUDA graph where possible, else eager.
+
+    Checkpointed methods stay eager: recomputing a block restores the RNG state it saved in forward, and
+    on the H200 (torch 2.11) replaying such a captured step failed ("Offset increment outside graph capture").
+    """
+    checkpointing = run.clip.transformer.grad_checkpointing or run.clip.visual.transformer.grad_checkpointing
+    if use_graph and run.device.startswith("cuda") and not checkpointing:
         try:
             return GraphedStep(run, example), "cuda_graph"
         except Exception as e:  # an op that cannot be captured: measure and train eagerly, say so
