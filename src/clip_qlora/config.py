@@ -5,6 +5,8 @@ Each bad value gives one line naming the key, the value and what is allowed (rai
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,13 +121,15 @@ def _num(key, v, lo=0.0, strict=True):
             v = float(v)
         except ValueError:
             pass
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= lo if strict else v < lo):
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            or (v <= lo if strict else v < lo)):
         raise _bad(key, v, f"a number {'>' if strict else '>='} {lo}")
     return float(v)
 
 
 def _choice(key, v, allowed):
-    if v not in allowed:
+    # type check too: 64.0 == 64 and True == 1 in Python, but bitsandbytes wants the int
+    if v not in allowed or type(v) not in {type(a) for a in allowed}:
         raise _bad(key, v, f"one of {', '.join(map(str, allowed))}")
     return v
 
@@ -182,7 +186,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
-    if not (m.device in ("auto", "cpu", "cuda") or str(m.device).startswith("cuda:")):
+    if not (m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(m.device))):
         raise _bad("model.device", m.device, "auto, cpu, cuda or cuda:N")
     q = p.quant
     _choice("quant.type", q.type, QUANT_TYPES)
@@ -191,7 +195,8 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     lo = p.lora
     _int("lora.r", lo.r)
     lo.alpha = _num("lora.alpha", lo.alpha)
-    if isinstance(lo.dropout, bool) or not isinstance(lo.dropout, (int, float)) or not 0 <= lo.dropout < 1:
+    if (isinstance(lo.dropout, bool) or not isinstance(lo.dropout, (int, float)) or not math.isfinite(lo.dropout)
+            or not 0 <= lo.dropout < 1):
         raise _bad("lora.dropout", lo.dropout, "a number in [0, 1)")
     _subset("lora.targets", lo.targets, TARGETS)
     _subset("lora.towers", lo.towers, TOWERS)
@@ -199,6 +204,10 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
         if (not isinstance(lo.layers, list) or not lo.layers
                 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in lo.layers)):
             raise _bad("lora.layers", lo.layers, "'all' or a non-empty list of block indices >= 0")
+        depth = min(_tower_depths(m.arch, lo.towers))
+        if max(lo.layers) >= depth:
+            raise _bad("lora.layers", lo.layers, f"block indices below {depth} ({m.arch} has {depth} blocks "
+                                                 f"in the smallest adapted tower)")
     _choice("lora.scaling", lo.scaling, SCALINGS)
     t = p.train
     _int("train.iterations_per_shot", t.iterations_per_shot)
@@ -229,6 +238,14 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     return p
 
 
+def _tower_depths(arch: str, towers: list) -> list[int]:
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch) or {}
+    keys = {"vision": "vision_cfg", "text": "text_cfg"}
+    return [int(cfg.get(keys[t], {}).get("layers", 12)) for t in towers]
+
+
 def parse(raw: Any) -> Params:
     """Turn the loaded YAML mapping into Params, refusing unknown keys (likely typos)."""
     if not isinstance(raw, dict):
@@ -254,12 +271,13 @@ def load(path: str | Path = "params.yaml") -> Params:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path}: malformed YAML{where}") from None
+    params = parse(raw)  # typos and unknown keys fail here, before the heavy imports below
     from .data import DATASETS
     from .model import register_configs
     import open_clip
 
     register_configs()
-    return validate(parse(raw), DATASETS, open_clip.list_models())
+    return validate(params, DATASETS, open_clip.list_models())
 
 
 def require_member(key: str, value: str, allowed) -> None:

@@ -163,7 +163,8 @@ def evaluate(p, method: str, dataset: str) -> dict:
                                     if v[c] is not None) if any(v[c] is not None for v in
                                                                 r["per_seed_per_class"].values()) else None
                  for c in split["classnames"]}
-    metrics = {"method": method, "dataset": dataset, "accuracy_mean": statistics.mean(accs),
+    metrics = {"method": method, "dataset": dataset, "seeds": list(p.data.seeds),
+               "accuracy_mean": statistics.mean(accs),
                "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                "accuracy": r["accuracy"], "zero_shot_accuracy": r["zero_shot_accuracy"],
                "per_class": per_class, "n_test": r["n_test"], **_common(p, device, r["is_pretrained"])}

@@ -12,7 +12,7 @@ import torch
 
 from .base import load_base
 from .memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
-from .train import build_run, loss_on, make_step
+from .train import build_run, make_step, optimizer_step
 
 
 def parse_batch(spec: str) -> tuple[int, int]:
@@ -49,25 +49,35 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     before = allocated_bytes(device) or 0
-    run = build_run(base_dir, params, method, synthetic_prompts(n_classes), device, warmup + steps + 1)
+    run = build_run(base_dir, params, method, synthetic_prompts(n_classes), device,
+                    1 + 2 * warmup + steps)
     static_alloc = allocated_bytes(device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(micro * accum, 3, run.size, run.size, generator=g, device=device)
     y = torch.randint(0, n_classes, (micro * accum,), generator=g, device=device)
     batches = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
+    # The first step eagerly, counting what autograd saves (hooks cannot run inside a captured graph), as
+    # `train_seed` does; only then is the step captured.
     acts = SavedActivations(run.model)
-    with acts.track():  # one micro-batch's forward: what backward will hold at its peak
-        loss = loss_on(run, *batches[0])
-    del loss
-    step, mode = make_step(run, batches, params.train.cuda_graph)
-    for i in range(warmup):
-        torch.manual_seed(i)  # as in training: each step re-seeds its dropout (a graph replay needs it too)
-        step(batches)
+    torch.manual_seed(0)
+    with acts.track():
+        optimizer_step(run, batches)
+    # Memory over eager steps: a replayed CUDA graph bypasses the caching allocator, so its peaks would
+    # show only what capture left allocated. Eager peaks are what the original study measured.
     peak = CudaPeak(device)
     peak.reset()
+    for i in range(warmup):
+        torch.manual_seed(1 + i)  # as in training: each step re-seeds its dropout
+        optimizer_step(run, batches)
+    memory = peak.read()
+    # Time with the step training runs (a CUDA graph where possible).
+    step, mode = make_step(run, batches, params.train.cuda_graph)
+    for i in range(warmup):
+        torch.manual_seed(1 + warmup + i)
+        step(batches)
     times = []
     for i in range(steps):
-        torch.manual_seed(warmup + i)
+        torch.manual_seed(1 + 2 * warmup + i)
         _sync(device)
         t0 = time.perf_counter()
         step(batches)
@@ -78,7 +88,7 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
-           "saved_activation_bytes": acts.bytes, **peak.read(), "step_ms": statistics.median(times),
+           "saved_activation_bytes": acts.bytes, **memory, "step_ms": statistics.median(times),
            "step_mode": mode}
     del run, batches, x
     return out

@@ -257,16 +257,39 @@ def make_micro_batches(run: Run, images_u8, labels, seed: int, step: int, micro:
 
 # ---- checkpoints (resume after pre-emption) ---------------------------------------------------------------
 
-def save_checkpoint(run: Run, path: Path, step: int) -> None:
-    state = {"step": step,
+def run_fingerprint(params, method: str, seed: int, meta: dict, images_u8, labels) -> str:
+    """What a checkpoint must match to be resumed: method, seed, adapter and optimisation settings, the base
+    and the exact training images. A checkpoint left by other params is discarded, never continued."""
+    import dataclasses
+    import hashlib
+    import json
+
+    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in ("checkpoint_every", "cuda_graph")}
+    h = hashlib.sha256(json.dumps([method, seed, params.data.shots, dataclasses.asdict(params.lora), train, meta],
+                                  sort_keys=True, default=str).encode())
+    h.update(images_u8.cpu().contiguous().numpy().tobytes())
+    h.update(labels.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(run: Run, path: Path, step: int, fingerprint: str = "") -> None:
+    state = {"step": step, "fingerprint": fingerprint,
              "adapters": {k: v.detach().cpu() for k, v in run.model.named_parameters() if v.requires_grad},
              "optimizer": run.optimizer.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(run: Run, path: Path) -> int:
-    state = torch.load(path, map_location=run.device, weights_only=True)  # tensors only, no pickled code
+def load_checkpoint(run: Run, path: Path, fingerprint: str | None = None) -> int:
+    """Restore a checkpoint and return its step; 0 (and the file removed) if it belongs to another run."""
+    try:
+        state = torch.load(path, map_location=run.device, weights_only=True)  # tensors only, no pickled code
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start over") from None
+    if fingerprint is not None and state.get("fingerprint") != fingerprint:
+        log.warning("%s was written with other params, base or data: discarded, training starts over", path)
+        path.unlink()
+        return 0
     params = dict(run.model.named_parameters())
     with torch.no_grad():
         for k, v in state["adapters"].items():
@@ -290,7 +313,8 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
     steps = t.iterations_per_shot * params.data.shots
     torch.manual_seed(seed)  # adapter init (lora_A) depends on the seed, as in CLIP-LoRA
     run = build_run(base_dir, params, method, prompts, device, steps)
-    start = load_checkpoint(run, ckpt_path) if ckpt_path.exists() else 0
+    fingerprint = run_fingerprint(params, method, seed, run.meta, images_u8, labels)
+    start = load_checkpoint(run, ckpt_path, fingerprint) if ckpt_path.exists() else 0
     images_u8, labels = images_u8.to(device), labels.to(device)
     peak = CudaPeak(device)
     acts = SavedActivations(run.model)
@@ -310,11 +334,15 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
             if step_fn is None:
                 step_fn, mode = make_step(run, batches, t.cuda_graph)
             loss = step_fn(batches)
-        if (step + 1) % window == 0 or step + 1 == steps:
-            value = float(loss)  # syncs the device, so only once per window
+        ckpt_due = (step + 1) % t.checkpoint_every == 0 and step + 1 < steps
+        if (step + 1) % window == 0 or step + 1 == steps or ckpt_due:
+            value = float(loss)  # syncs the device, so only once per window (and before a checkpoint)
             if not math.isfinite(value):
-                raise UserError(f"train: loss became {value} at step {step + 1} ({method}, seed {seed}); "
+                if ckpt_path.exists():
+                    ckpt_path.unlink()  # resuming from it would only repeat the failure
+                raise UserError(f"train: loss became {value} by step {step + 1} ({method}, seed {seed}); "
                                 f"lower train.lr or use compute_dtype fp32 to find the cause")
+        if (step + 1) % window == 0 or step + 1 == steps:
             now = time.perf_counter()
             n = (step + 1 - start) % window or window
             window_ms.append((now - tw) * 1000 / n)
@@ -327,8 +355,8 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
                 mem = peak.read()
                 if mem["peak_allocated_bytes"] is not None:
                     live.log_metric("train/peak_allocated_gib", mem["peak_allocated_bytes"] / 2**30)
-        if (step + 1) % t.checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(run, ckpt_path, step + 1)
+        if ckpt_due:
+            save_checkpoint(run, ckpt_path, step + 1, fingerprint)
     _sync(device)
     seconds = time.perf_counter() - t0
     with atomic_dir(adapter_out) as tmp:

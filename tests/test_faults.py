@@ -1,0 +1,385 @@
+"""Faults: reproducibility, provenance in every metrics file, non-finite loss, atomic writes, unreadable
+images, untrusted checkpoints and CUDA out-of-memory, each through the code path a stage really takes.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clip_qlora.adapters as adapters_mod
+import clip_qlora.train as train_mod
+from clip_qlora import config, pipeline
+from clip_qlora.io import UserError, atomic_dir, atomic_path, write_json
+from clip_qlora.train import build_run, load_checkpoint, save_checkpoint
+
+from cli_helpers import demo_params, invoke, project, single_thread, stderr_lines, all_files, write_params
+from data_fixtures import truncate
+
+SEEDS = [1, 2]
+METHODS = ["lora", "qlora"]
+PARAMS = demo_params({"data.seeds": SEEDS, "methods": METHODS, "train.iterations_per_shot": 3,
+                      "train.checkpoint_every": 5})  # 12 steps per seed, checkpoints at 5 and 10
+
+
+def full_run(folder: Path) -> Path:
+    """prepare, both bases, train and evaluate both methods, profile lora: every stage but aggregate."""
+    with project(folder, PARAMS), single_thread():
+        steps = [("prepare", "--dataset", "shapes"), ("quantize", "--base", "bf16"), ("quantize", "--base", "nf4")]
+        for m in METHODS:
+            steps += [("train", "--method", m, "--dataset", "shapes"), ("evaluate", "--method", m, "--dataset", "shapes")]
+        steps += [("profile", "--method", "lora")]
+        for args in steps:
+            r = invoke(*args)
+            assert r.exit_code == 0, (args, r.output, r.exception)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same params run twice, in two folders, from nothing (the shapes data is generated in each)."""
+    root = tmp_path_factory.mktemp("repro")
+    return full_run(root / "one"), full_run(root / "two")
+
+
+@pytest.fixture
+def trained_copy(runs, tmp_path):
+    """A fresh project folder holding the first run's data and bases (no adapters, metrics or checkpoints)."""
+    one, _ = runs
+    write_params(tmp_path, PARAMS)
+    for part in ("data", "models"):
+        shutil.copytree(one / part, tmp_path / part)
+    return tmp_path
+
+
+# ---- reproducibility -------------------------------------------------------------------------------------------
+
+def test_split_files_are_byte_identical(runs):
+    one, two = runs
+    a, b = (f / "data/splits/shapes.json" for f in runs)
+    assert a.read_bytes() == b.read_bytes()
+    split = json.loads(a.read_text())
+    assert sorted(split["train"]) == ["1", "2"]
+    assert split["train"]["1"] != split["train"]["2"]  # each seed draws its own shots
+    # the generated images themselves are byte-identical too
+    img = split["train"]["1"][0][0]
+    assert (one / "data/raw" / img).read_bytes() == (two / "data/raw" / img).read_bytes()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapters_are_bitwise_identical(runs, method):
+    one, two = runs
+    per_seed = {}
+    for seed in SEEDS:
+        rel = f"adapters/{method}/shapes/seed{seed}/adapter_model.safetensors"
+        a, b = load_file(str(one / rel)), load_file(str(two / rel))
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert a[k].dtype == b[k].dtype
+            assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), (method, seed, k)
+        per_seed[seed] = a
+    # and the seeds really differ (identical adapters would make the check above trivially true)
+    k = next(iter(per_seed[1]))
+    assert not torch.equal(per_seed[1][k], per_seed[2][k])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_metrics_are_identical(runs, method):
+    one, two = runs
+    ev = [json.loads((f / f"metrics/eval/{method}/shapes.json").read_text()) for f in runs]
+    for key in ("accuracy", "accuracy_mean", "accuracy_std", "zero_shot_accuracy", "per_class", "n_test"):
+        assert ev[0][key] == ev[1][key], key
+    assert ev[0]["n_test"] == 240 and set(ev[0]["accuracy"]) == {"1", "2"}
+    tr = [json.loads((f / f"metrics/train/{method}/shapes.json").read_text()) for f in runs]
+    for seed in ("1", "2"):
+        assert tr[0]["per_seed"][seed]["final_loss"] == tr[1]["per_seed"][seed]["final_loss"]
+    confusion = [(f / f"plots/confusion/{method}/shapes.json").read_bytes() for f in runs]
+    assert confusion[0] == confusion[1]
+
+
+# ---- provenance --------------------------------------------------------------------------------------------
+
+def test_every_metrics_file_records_versions_device_and_seeds(runs):
+    import bitsandbytes
+    import open_clip
+    import peft
+
+    one, _ = runs
+    files = sorted((one / "metrics").rglob("*.json"))
+    names = [str(f.relative_to(one / "metrics")) for f in files]
+    assert names == ["eval/lora/shapes.json", "eval/qlora/shapes.json", "profile/lora.json", "static/bf16.json",
+                     "static/nf4.json", "train/lora/shapes.json", "train/qlora/shapes.json"]
+    expected = {"torch": torch.__version__, "open_clip": open_clip.__version__, "peft": peft.__version__,
+                "bitsandbytes": bitsandbytes.__version__}
+    for f, name in zip(files, names):
+        m = json.loads(f.read_text())
+        assert {k: m["versions"].get(k) for k in expected} == expected, name
+        assert isinstance(m["device"], str) and m["device"].startswith("cpu"), name
+        assert m["pretrained"] is False, name
+        if name.startswith("train/"):
+            assert m["seeds"] == SEEDS, name
+            assert sorted(m["per_seed"]) == ["1", "2"]
+        if name.startswith("eval/"):  # one accuracy per seed, keyed by the seed
+            assert sorted(m["accuracy"]) == ["1", "2"], name
+
+
+# ---- non-finite loss ---------------------------------------------------------------------------------------
+
+def nan_from(monkeypatch, call: int) -> None:
+    """Training's loss becomes NaN from the `call`-th loss evaluation on (gradients NaN too)."""
+    real, calls = train_mod.loss_on, {"n": 0}
+
+    def loss_on(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= call else loss
+
+    monkeypatch.setattr(train_mod, "loss_on", loss_on)
+
+
+def test_non_finite_loss_stops_training_with_the_step(trained_copy, monkeypatch):
+    with project(trained_copy), single_thread():
+        nan_from(monkeypatch, 3)  # step 3 of 12
+        with pytest.raises(UserError) as e:
+            pipeline.train(config.load(), "lora", "shapes")
+        m = re.fullmatch(r"train: loss became nan by step (\d+) \(lora, seed 1\); lower train\.lr .*", str(e.value))
+        assert m, str(e.value)
+        assert 3 <= int(m.group(1)) <= 12  # checked once per 50-step window and at the last step
+        # nothing written for DVC to take as a result
+        assert all_files(Path("adapters")) == []
+        assert not Path("metrics/train").exists()
+
+        # the stage reports it in one line (after the progress lines), exit 2
+        shutil.rmtree(".ckpt", ignore_errors=True)
+        r = invoke("train", "--method", "lora", "--dataset", "shapes")
+    assert r.exit_code == 2, r.output
+    lines = stderr_lines(r.stderr)
+    assert [line for line in lines if not line.startswith("train lora shapes seed 1: ")] == [lines[-1]]
+    assert lines[-1].startswith("error: train: loss became nan by step ") and "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_leaves_no_poisoned_checkpoint(trained_copy, monkeypatch):
+    """A NaN step before a checkpoint is saved, then found at the window check, must not leave a
+    checkpoint with NaN adapters; the rerun the message asks for ("lower train.lr") resumes from it and fails
+    again however the params change. Checkpoints must hold only finite state (or be dropped on that error).
+    """
+    with project(trained_copy), single_thread():
+        p = config.load()
+        nan_from(monkeypatch, 3)
+        with pytest.raises(UserError, match="loss became nan"):
+            pipeline.train(p, "lora", "shapes")
+        monkeypatch.undo()
+        for ckpt in Path(".ckpt").rglob("*.pt"):
+            state = torch.load(ckpt, weights_only=True)
+            bad = [k for k, v in state["adapters"].items() if not torch.isfinite(v).all()]
+            assert not bad, f"{ckpt} (step {state['step']}) holds non-finite adapters: {bad[:2]}"
+        # the cause is gone: the rerun must train normally
+        m = pipeline.train(p, "lora", "shapes")
+    assert math.isfinite(m["per_seed"]["1"]["final_loss"])
+
+
+# ---- atomic writes -----------------------------------------------------------------------------------------
+
+def test_failed_write_json_keeps_the_previous_file(tmp_path, monkeypatch):
+    out = tmp_path / "metrics.json"
+    write_json(out, {"accuracy": 1.0})
+    before = out.read_bytes()
+    real_write_text = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(out, {"accuracy": 2.0, "per_class": list(range(1000))})
+    monkeypatch.undo()
+    assert out.read_bytes() == before
+    assert all_files(tmp_path) == ["metrics.json"]  # no temporary file left behind
+
+
+def test_failure_inside_atomic_path_keeps_previous_or_nothing(tmp_path):
+    out = tmp_path / "sub" / "model.pt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("killed mid-write")
+    assert not out.exists() and all_files(tmp_path) == []  # a new file: nothing at all
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(b"complete")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"par")
+            raise KeyboardInterrupt
+    assert out.read_bytes() == b"complete" and all_files(tmp_path) == ["sub/model.pt"]
+
+
+def test_failure_inside_atomic_dir_keeps_the_previous_folder(tmp_path):
+    out = tmp_path / "adapters" / "seed1"
+    with atomic_dir(out) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"old weights")
+        (tmp / "adapter_config.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "adapter_model.safetensors").write_bytes(b"new wei")
+            raise RuntimeError("killed mid-save")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"old weights"
+    assert all_files(tmp_path) == ["adapters/seed1/adapter_config.json", "adapters/seed1/adapter_model.safetensors"]
+    # success replaces the folder as a whole: files of the old version do not linger
+    with atomic_dir(out) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"new weights")
+    assert all_files(tmp_path) == ["adapters/seed1/adapter_model.safetensors"]
+    assert (out / "adapter_model.safetensors").read_bytes() == b"new weights"
+
+
+def test_failed_adapter_save_keeps_previous_adapters_and_metrics(runs, trained_copy, monkeypatch):
+    """Through train: a save that dies half-way leaves the previous adapters and metrics exactly as they were."""
+    one, _ = runs
+    for part in ("adapters/lora", "metrics/train/lora"):
+        shutil.copytree(one / part, trained_copy / part)
+    def adapter_bytes():
+        folder = trained_copy / "adapters"
+        return {f: (folder / f).read_bytes() for f in all_files(folder)}
+
+    before = adapter_bytes()
+    assert "lora/shapes/seed1/adapter_model.safetensors" in before
+    metrics_before = (trained_copy / "metrics/train/lora/shapes.json").read_bytes()
+    real_save = adapters_mod.save_adapters
+
+    def dies(model, out_dir):
+        real_save(model, out_dir)
+        (Path(out_dir) / "adapter_model.safetensors").write_bytes(b"trunc")
+        raise OSError(errno.EIO, "I/O error")
+
+    with project(trained_copy), single_thread():
+        monkeypatch.setattr(adapters_mod, "save_adapters", dies)
+        r = invoke("train", "--method", "lora", "--dataset", "shapes")
+    assert r.exit_code != 0 and isinstance(r.exception, OSError)
+    assert adapter_bytes() == before  # every file, hidden ones included: no temporary folder left either
+    assert (trained_copy / "metrics/train/lora/shapes.json").read_bytes() == metrics_before
+
+
+# ---- unreadable training images ----------------------------------------------------------------------------
+
+def test_unreadable_training_image_is_reported_and_skipped(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    with project(tmp_path, demo_params({"data.seeds": [1]})), single_thread():  # 4 shots; 16 images a class
+        assert invoke("prepare", "--dataset", "shapes").exit_code == 0
+        split_file = Path("data/splits/shapes.json")
+        first = json.loads(split_file.read_text())
+        drawn = [path for path, label in first["train"]["1"] if label == 0]
+        assert len(drawn) == 4
+        bad = Path("data/raw") / drawn[1]
+        truncate(bad)
+        caplog.clear()
+        r = invoke("prepare", "--dataset", "shapes")
+        assert r.exit_code == 0, r.output
+        assert str(bad) in caplog.text and "cannot decode image" in caplog.text
+        again = [path for path, label in json.loads(split_file.read_text())["train"]["1"] if label == 0]
+        assert drawn[1] not in again and len(set(again)) == 4  # replaced by the next image of the class
+        assert set(drawn) - {drawn[1]} <= set(again)
+        assert json.loads(split_file.read_text())["replacement"] == {"1": []}  # no silent duplicates
+
+        # below k readable images the class is an error naming it; the previous split stays
+        previous = split_file.read_bytes()
+        images = sorted(Path("data/raw/shapes/images/red_circle").glob("train_*.png"))
+        assert len(images) == 16 and bad in images
+        keep = [img for img in images if img != bad][:2]
+        for img in images:
+            if img not in keep:
+                img.write_bytes(b"not a png")
+        r = invoke("prepare", "--dataset", "shapes")
+        assert r.exit_code == 2
+        assert len(stderr_lines(r.stderr)) == 1
+        assert re.fullmatch(r"error: shapes: class 'red circle' has 2 readable training images, fewer than 4 shots, "
+                            r"after skipping 14 unreadable \(e\.g\. shapes/images/red_circle/train_\d+\.png\)\n",
+                            r.stderr), r.stderr
+        assert split_file.read_bytes() == previous
+
+
+# ---- checkpoints hold tensors only --------------------------------------------------------------------------
+
+def _payload(path: str) -> str:
+    """What a malicious pickle would run on load; here it only leaves a file behind."""
+    Path(path).write_text("code ran")
+    return "pwned"
+
+
+class Payload:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return _payload, (self.path,)
+
+
+def test_checkpoint_with_pickled_object_is_refused(saved_bases, tiny_params, tmp_path):
+    run = build_run(saved_bases["bf16"], tiny_params, "lora", ["a photo of a x.", "a photo of a y."], "cpu", 10)
+    good = tmp_path / "good.pt"
+    save_checkpoint(run, good, 7)
+    assert load_checkpoint(run, good) == 7  # a real checkpoint loads (tensors, numbers, strings only)
+
+    marker = tmp_path / "ran"
+    state = torch.load(good, weights_only=True)
+    state["extra"] = Payload(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save(state, evil)
+    # the payload is live: an unrestricted load runs it
+    torch.load(evil, weights_only=False)
+    assert marker.read_text() == "code ran"
+    marker.unlink()
+
+    with pytest.raises(UserError, match="unreadable checkpoint \\(UnpicklingError\\); delete it"):
+        load_checkpoint(run, evil)
+    assert not marker.exists()
+
+
+def test_training_never_runs_a_pickled_checkpoint(trained_copy):
+    marker = trained_copy.parent / "ran"
+    ckpt = trained_copy / ".ckpt/train/lora/shapes/seed1.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"step": 5, "adapters": {}, "optimizer": Payload(marker)}, ckpt)
+    with project(trained_copy), single_thread():
+        r = invoke("train", "--method", "lora", "--dataset", "shapes")
+    assert r.exit_code != 0
+    assert not marker.exists()
+    assert all_files(trained_copy / "adapters") == []
+
+
+# ---- CUDA out of memory ----------------------------------------------------------------------------------------
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+
+@pytest.mark.parametrize("target,args", [
+    ("train", ("train", "--method", "lora", "--dataset", "shapes")),
+    ("evaluate", ("evaluate", "--method", "qlora", "--dataset", "shapes")),
+    ("profile", ("profile", "--method", "lora")),
+    ("quantize", ("quantize", "--base", "nf4")),
+])
+def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
+    monkeypatch.setattr(pipeline, target, _oom)
+    with project(tmp_path, PARAMS):
+        r = invoke(*args)
+        assert r.exit_code == 3, (r.output, r.exception)
+        lines = stderr_lines(r.stderr)
+        assert len(lines) == 1 and "Traceback" not in r.output
+        assert re.fullmatch(r"error: CUDA out of memory after a peak of (nan|\d+\.\d\d) GiB allocated; use a method "
+                            r"with gradient checkpointing \(lora_gc/qlora_gc\) or a smaller micro-batch with more "
+                            r"accumulation \(train\.grad_accum\)", lines[0]), lines[0]
+        # --debug: the original error, not the advice
+        r = invoke(*args, "--debug")
+        assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, torch.OutOfMemoryError)
+        # any other crash is not dressed up as OOM or as a user error
+        monkeypatch.setattr(pipeline, target, lambda *a, **k: 1 / 0)
+        r = invoke(*args)
+        assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, ZeroDivisionError)
