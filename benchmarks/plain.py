@@ -24,8 +24,6 @@ one table: the exact accounting helpers of `clip_qlora.memory` are measuring too
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -149,15 +147,11 @@ def plain_step(state: PlainState, images: torch.Tensor, labels: torch.Tensor, mi
     return total
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure_plain(method: str, arch: str, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
                   device: str, compute_dtype: torch.dtype) -> dict:
     """Same fields as `clip_qlora.profile.measure`, for the plain recipe."""
     from clip_qlora.memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
+    from clip_qlora.profile import median_step_ms
 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -177,18 +171,11 @@ def measure_plain(method: str, arch: str, micro: int, accum: int, n_classes: int
     state.optimizer.zero_grad(set_to_none=True)
     peak = CudaPeak(device)
     peak.reset()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        plain_step(state, x, y, micro)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1000)
+    step_ms = median_step_ms(lambda: plain_step(state, x, y, micro), steps, device)
     tb = trainable_bytes(state.model, state.optimizer)
     out = {"static_bytes": frozen_weight_bytes(state.model),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
-           "saved_activation_bytes": acts.bytes, **peak.read(), "step_ms": statistics.median(times)}
-    del state, x, y
+           "saved_activation_bytes": acts.bytes, **peak.read(), "step_ms": step_ms}
     return out

@@ -16,9 +16,6 @@ import argparse
 import datetime
 import gc
 import importlib
-import json
-import math
-import os
 import re
 import shlex
 import sys

@@ -1,7 +1,5 @@
 from pathlib import Path
 
-import typer
-
 from stages.app import DebugOpt, ParamsOpt, app, stage
 
 

@@ -93,7 +93,6 @@ def train(p, method: str, dataset: str) -> dict:
     from dvclive import Live
 
     from .data import class_prompts, load_split, load_train_images
-    from .model import preprocess_stats
     from .train import train_seed
 
     device = resolve_device(p.model.device)

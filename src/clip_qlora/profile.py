@@ -10,7 +10,6 @@ import time
 
 import torch
 
-from .base import load_base
 from .memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
 from .train import build_run, make_step, optimizer_step
 
@@ -40,6 +39,19 @@ def isolated(fn, *args, device: str):
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def median_step_ms(step, n: int, device: str, seed0: int = 0) -> float:
+    """Median wall time of n calls of step(), synchronised; each step re-seeds its dropout, as in training."""
+    times = []
+    for i in range(n):
+        torch.manual_seed(seed0 + i)
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
@@ -75,20 +87,12 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
     for i in range(warmup):
         torch.manual_seed(1 + warmup + i)
         step(batches)
-    times = []
-    for i in range(steps):
-        torch.manual_seed(1 + 2 * warmup + i)
-        _sync(device)
-        t0 = time.perf_counter()
-        step(batches)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1000)
+    step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup)
     tb = trainable_bytes(run.model, run.optimizer)
     out = {"static_bytes": frozen_weight_bytes(run.model),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
-           "saved_activation_bytes": acts.bytes, **memory, "step_ms": statistics.median(times),
+           "saved_activation_bytes": acts.bytes, **memory, "step_ms": step_ms,
            "step_mode": mode}
-    del run, batches, x
     return out

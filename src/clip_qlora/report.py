@@ -417,27 +417,17 @@ def what_changed(summary: dict[str, Any], batches: list[str]) -> list[str]:
                 tail = f"{time_word} {_x(st)} step time and leaves accuracy unchanged (±0.0 points)"
             sentence = f"{_label(m)} {static}, {tail}{acc_note}."
         parts = [sentence]
-        # peaks
-        peak_bits = []
-        if c.get("peak_ratio") is not None:
-            peak_bits.append(f"{_x(c['peak_ratio'])} during training")
-        for b in batches:
-            r = c["profile"].get(b, {}).get("peak_ratio")
-            if r is not None:
-                peak_bits.append(f"{_x(r)} at batch {_batch_label(b)}")
-        if peak_bits:
-            parts.append(f"Peak allocated memory relative to LoRA: {', '.join(peak_bits)}.")
-        else:
-            parts.append("Peak allocated memory was not measured on this device (no allocator statistics).")
-        sa_bits = []
-        if c.get("saved_activation_ratio") is not None:
-            sa_bits.append(f"{_x(c['saved_activation_ratio'])} during training")
-        for b in batches:
-            r = c["profile"].get(b, {}).get("saved_activation_ratio")
-            if r is not None:
-                sa_bits.append(f"{_x(r)} at batch {_batch_label(b)}")
-        if sa_bits:
-            parts.append(f"Saved activations relative to LoRA: {', '.join(sa_bits)}.")
+        # peaks and saved activations, each relative to LoRA, in training and per profiled batch
+        for key, what, missing in (("peak_ratio", "Peak allocated memory",
+                                    "Peak allocated memory was not measured on this device (no allocator statistics)."),
+                                   ("saved_activation_ratio", "Saved activations", None)):
+            bits = [f"{_x(c[key])} during training"] if c.get(key) is not None else []
+            bits += [f"{_x(r)} at batch {_batch_label(b)}" for b in batches
+                     if (r := c["profile"].get(b, {}).get(key)) is not None]
+            if bits:
+                parts.append(f"{what} relative to LoRA: {', '.join(bits)}.")
+            elif missing:
+                parts.append(missing)
         if c.get("train_time_ratio") is not None:
             parts.append(f"Total training time: {_x(c['train_time_ratio'])} LoRA's "
                          f"({_mmss(a['train_seconds'])} vs {_mmss(base['train_seconds'])} per run).")
