@@ -11,4 +11,4 @@ def aggregate(params: Path = ParamsOpt, debug: bool = DebugOpt):
 
     p = config.load(params)
     report.aggregate(p.methods, p.datasets, Path("metrics"), Path("metrics/summary.json"),
-                     Path("reports/results.md"), Path("plots"))
+                     Path("reports/results.md"), Path("plots/figures"))

@@ -227,12 +227,13 @@ def blocksize(good, lora_r):
 
 
 @pytest.fixture(scope="module")
-def full(blocksize, good):
+def full(request):
     """Opt-in (PIPELINE_TEST_FULL=1; ~20 more stage processes, past the CI budget): finish the quant.*
     rerun with `dvc repro`, commit, then `dvc exp run -S lora.r=8`."""
     if not os.environ.get("PIPELINE_TEST_FULL"):
         pytest.skip("PIPELINE_TEST_FULL=1 runs the full reruns (too slow for the CI budget)")
-    repo = good["repo"]
+    request.getfixturevalue("blocksize")  # after the blocksize experiment, on its workspace
+    repo = request.getfixturevalue("good")["repo"]
     rest = repo.dvc("repro")
     repo.commit("blocksize 128")
     exp = repo.dvc("exp", "run", "-S", "lora.r=8")
