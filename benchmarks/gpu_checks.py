@@ -1,7 +1,10 @@
 """GPU checks that CPU CI cannot make (run on a CUDA machine; results go to --out as JSON).
 
-1. The CUDA-graph step gives the same losses and adapter weights as the eager step (same seeds).
-2. Wall time of the whole 4-shot protocol for one 100-class dataset (2000 steps of 32) through the real
+1. The CUDA-graph step gives the same losses and adapter weights as the eager step (same seeds), for every
+   method (checkpointed ones included).
+2. Checkpointing changes nothing but memory and time: lora_gc trains exactly like lora (qlora_gc like qlora),
+   dropout on, since every block draws its masks from its own seeded generators (clip_qlora/blocks.py).
+3. Wall time of the whole 4-shot protocol for one 100-class dataset (2000 steps of 32) through the real
    training loop (`train_seed`: sampling, device augmentation, graph replay, logging windows).
 """
 from __future__ import annotations
@@ -58,6 +61,16 @@ def graph_equivalence(base_dir, method, micro, accum, steps=6):
             "max_abs_param_diff": diff, "max_abs_param": scale}
 
 
+def checkpoint_equivalence(bf16_dir, nf4_dir, method, micro, accum, steps=4):
+    """Eager steps of method and method_gc from the same init and seeds."""
+    base_dir = bf16_dir if method.startswith("lora") else nf4_dir
+    lp, pp, _ = run_steps(base_dir, method, False, steps, micro, accum)
+    lc, pc, _ = run_steps(base_dir, f"{method}_gc", False, steps, micro, accum)
+    return {"loss": lp, "loss_gc": lc, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(lp, lc)),
+            "max_abs_param_diff": max((pp[n] - pc[n]).abs().max().item() for n in pp),
+            "max_abs_param": max(pp[n].abs().max().item() for n in pp)}
+
+
 def protocol_time(base_dir, method, n_classes=100, shots=4):
     p = Params()
     g = torch.Generator().manual_seed(0)
@@ -74,22 +87,39 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--methods", nargs="+", default=["lora", "qlora", "qlora_gc"])
+    ap.add_argument("--methods", nargs="+", default=["lora", "lora_gc", "qlora", "qlora_gc"])
+    ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"], help="micro x accumulation for the graph check")
+    ap.add_argument("--checks", nargs="+", default=["graph", "checkpoint", "protocol"],
+                    choices=("graph", "checkpoint", "protocol"))
+    ap.add_argument("--protocol-methods", nargs="+", default=["lora", "qlora", "qlora_gc"])
     args = ap.parse_args()
-    out = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "graph": {}, "protocol": {}}
+    out = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "graph": {}, "checkpoint": {},
+           "protocol": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for base, s in (("bf16", None), ("nf4", NF4)):
             m, meta = make_base("ViT-B-16", "none", base, s, torch.bfloat16, "cuda")
             save_base(m, meta, Path(tmp) / base)
             del m
-        for method in args.methods:
-            base_dir = Path(tmp) / ("bf16" if method.startswith("lora") else "nf4")
-            for micro, accum in ((32, 1), (4, 8)):
-                key = f"{method}-{micro}x{accum}"
-                out["graph"][key] = isolated(graph_equivalence, base_dir, method, micro, accum, device="cuda")
-                print(key, json.dumps(out["graph"][key])[:400], flush=True)
-            out["protocol"][method] = isolated(protocol_time, base_dir, method, device="cuda")
-            print(method, json.dumps(out["protocol"][method]), flush=True)
+        def base_of(method):
+            return Path(tmp) / ("bf16" if method.startswith("lora") else "nf4")
+
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        if "graph" in args.checks:
+            for method in args.methods:
+                for micro, accum in shapes:
+                    key = f"{method}-{micro}x{accum}"
+                    out["graph"][key] = isolated(graph_equivalence, base_of(method), method, micro, accum,
+                                                 device="cuda")
+                    print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
+        if "checkpoint" in args.checks:
+            for arm in ("lora", "qlora"):
+                out["checkpoint"][arm] = isolated(checkpoint_equivalence, base_of("lora"), base_of("qlora"), arm,
+                                                  32, 1, device="cuda")
+                print("checkpoint", arm, json.dumps(out["checkpoint"][arm])[:400], flush=True)
+        if "protocol" in args.checks:
+            for method in args.protocol_methods:
+                out["protocol"][method] = isolated(protocol_time, base_of(method), method, device="cuda")
+                print("protocol", method, json.dumps(out["protocol"][method]), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_checks.json").write_text(json.dumps(out, indent=2))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from clip_qlora.base import make_base
+from clip_qlora.blocks import restore_blocks
 from clip_qlora.memory import SavedActivations, frozen_weight_bytes, trainable_bytes, unique_bytes
 from clip_qlora.model import block_linears
 from clip_qlora.train import loss_on, optimizer_step, run_on_model
@@ -59,7 +60,7 @@ def saved_bytes(runs, method, batch=8):
     with acts.track():
         loss = loss_on(run, images, labels)
     del loss
-    run.clip.set_grad_checkpointing(False)
+    restore_blocks(run.clip)
     run.model.unload()  # take the adapters out again: the next method starts from the same base
     return acts.bytes
 

@@ -21,9 +21,9 @@ def _run(saved_bases, params, method, steps=10):
     return run
 
 
-def _grads(run, images, labels):
+def _grads(run, images, labels, seed=7):
     run.optimizer.zero_grad(set_to_none=True)
-    torch.manual_seed(7)  # same dropout masks in both runs (checkpointing replays the RNG)
+    run.blocks.seed(seed)  # same dropout masks in both runs: each block draws from its own seeded generator
     loss_on(run, images, labels).backward()
     return {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}
 
@@ -34,14 +34,17 @@ def test_checkpointing_gives_same_nonzero_grads(saved_bases, tiny_params, arm):
     labels = torch.tensor([0, 1, 2, 3])
     plain = _grads(_run(saved_bases, tiny_params, arm), images, labels)
     gc_run = _run(saved_bases, tiny_params, f"{arm}_gc")
-    assert gc_run.clip.visual.transformer.grad_checkpointing and gc_run.clip.transformer.grad_checkpointing
+    assert gc_run.blocks.checkpointing and not gc_run.clip.transformer.grad_checkpointing
     gc = _grads(gc_run, images, labels)
+    other_masks = _grads(gc_run, images, labels, seed=8)
     assert plain.keys() == gc.keys()
     towers = {("visual" in n) for n in gc}
     assert towers == {True, False}  # both towers' adapters are trained
     for n, g in gc.items():
         assert torch.isfinite(g).all() and g.abs().sum() > 0, n
         assert (g - plain[n]).abs().max() <= 1e-5, n
+    # dropout is really on (p=0.25) and follows the step's seed: other masks give other gradients
+    assert any((other_masks[n] - gc[n]).abs().max() > 1e-4 for n in gc)
 
 
 def test_accumulation_equals_full_batch(saved_bases, tiny_params):
@@ -76,3 +79,27 @@ def test_batches_cover_each_image_once_per_epoch():
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     assert torch.equal(batch_indices(n, batch, 3, 2), batch_indices(n, batch, 3, 2))
     assert not torch.equal(seen[:10], torch.cat([batch_indices(n, batch, 4, s) for s in range(5)])[:10])
+
+
+def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_params):
+    """Under bf16 autocast every adapter's dropout sees bf16 activations, in the bf16 and the 4-bit arm alike
+    (PEFT's defaults would hand the bf16 arm fp32 copies and the 4-bit arm bf16)."""
+    from conftest import NF4
+
+    from clip_qlora.base import make_base, save_base
+
+    seen = {}
+    for base, settings in (("bf16", None), ("nf4", NF4)):
+        model, meta = make_base("clip-tiny", "none", base, settings, torch.bfloat16, "cpu")
+        save_base(model, meta, tmp_path / base)
+        torch.manual_seed(0)
+        run = build_run(tmp_path / base, tiny_params, "lora" if base == "bf16" else "qlora", PROMPTS, "cpu", 10)
+        dtypes = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+                 for n, m in run.model.named_modules() if n.endswith("lora_dropout.default")]
+        loss_on(run, torch.randn(2, 3, 64, 64), torch.tensor([0, 1])).backward()
+        for h in hooks:
+            h.remove()
+        assert len(dtypes) == len(hooks) > 0
+        seen[base] = set(dtypes)
+    assert seen["bf16"] == seen["nf4"] == {torch.bfloat16}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import adapters as ad
 from .backends import METHODS
 from .base import load_base
+from .blocks import BlockDropout
 from .io import UserError, atomic_dir, atomic_path
 from .memory import CudaPeak, SavedActivations
 from .model import TextTokens, encode_image, encode_text, preprocess_stats
@@ -45,6 +46,7 @@ class Run:
     mean: tuple
     std: tuple
     meta: dict                  # the saved base's description
+    blocks: BlockDropout        # per-block dropout generators (and checkpointing for the _gc methods)
     step: int = 0               # optimizer steps taken
     _text_cache: torch.Tensor | None = None
 
@@ -84,8 +86,9 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     _, gc = METHODS[method]
     peft_model = (ad.load_adapters(model, adapter_dir, trainable=True) if adapter_dir
                   else ad.add_adapters(model, params.lora))
+    ad.let_autocast_cast_inputs(peft_model)  # loss_on always runs under autocast (or in fp32)
     clip = ad.inner(peft_model)
-    clip.set_grad_checkpointing(gc)  # open_clip checkpoints per block, non-reentrant (adapters get grads)
+    blocks = BlockDropout(clip, gc, device)
     peft_model.train()
     t = params.train
     trainable = ad.trainable_parameters(peft_model)
@@ -98,7 +101,7 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     size, mean, std = preprocess_stats(clip)
     tokens = TextTokens.from_prompts(prompts, meta["arch"]).tokens.to(device)
     return Run(peft_model, clip, tokens, ad.text_has_adapters(params.lora), optimizer, lr_at,
-               getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta)
+               getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta, blocks)
 
 
 def cosine_lr(lr: float, min_lr: float, total: int, step: int) -> float:
@@ -145,7 +148,11 @@ def _accumulate(run: Run, micro_batches) -> torch.Tensor:
 
 
 def optimizer_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One eager optimizer step over equally sized micro-batches."""
+    """One eager optimizer step over equally sized micro-batches.
+
+    Dropout masks follow from the seed last given to `torch.manual_seed` (the loops seed every step).
+    """
+    run.blocks.seed(torch.initial_seed())
     run.set_lr()
     total = _accumulate(run, micro_batches)
     run.optimizer.step()
@@ -160,7 +167,8 @@ class GraphedStep:
     A ViT-B/16 LoRA step launches well over a thousand small kernels; eager PyTorch spends more time
     launching them than the GPU spends running them. Replaying a captured graph launches the whole step at
     once. Same arithmetic as the eager step: the optimizer is AdamW with a device-side lr (capturable), the
-    dropout RNG is re-seeded before each replay exactly as in eager mode.
+    blocks' dropout generators are registered with the graph and re-seeded before each replay exactly as in
+    eager mode (checkpointed blocks included, see blocks.py).
     """
 
     def __init__(self, run: Run, example: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -182,6 +190,8 @@ class GraphedStep:
         for p in params:  # gradients must live at fixed addresses, zeroed inside the graph
             p.grad = torch.zeros_like(p)
         self.graph = torch.cuda.CUDAGraph()
+        for gen in run.blocks.generators():
+            self.graph.register_generator_state(gen)
         with torch.cuda.graph(self.graph):
             self.loss = self._body()
 
@@ -197,6 +207,7 @@ class GraphedStep:
             xs.copy_(x, non_blocking=True)
             ys.copy_(y, non_blocking=True)
         self.run.set_lr()  # writes this step's lr into the device tensor the graph reads
+        self.run.blocks.seed(torch.initial_seed())  # host-side; the replay hands seed and offset to the kernels
         self.graph.replay()
         self.run.step += 1
         return self.loss
@@ -211,13 +222,8 @@ def _load_optimizer_in_place(optimizer, state: dict) -> None:
 
 
 def make_step(run: Run, example, use_graph: bool):
-    """The step function train and profile call: a replayed CUDA graph where possible, else eager.
-
-    Checkpointed methods stay eager: recomputing a block restores the RNG state it saved in forward, and
-    on the H200 (torch 2.11) replaying such a captured step failed ("Offset increment outside graph capture").
-    """
-    checkpointing = run.clip.transformer.grad_checkpointing or run.clip.visual.transformer.grad_checkpointing
-    if use_graph and run.device.startswith("cuda") and not checkpointing:
+    """The step function train and profile call: a replayed CUDA graph on CUDA (all methods), else eager."""
+    if use_graph and run.device.startswith("cuda"):
         try:
             return GraphedStep(run, example), "cuda_graph"
         except Exception as e:  # an op that cannot be captured: measure and train eagerly, say so
