@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 TOWER_PREFIX = {"vision": r"visual\.transformer", "text": r"transformer"}
 TARGET_MODULE = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "out": "attn.out_proj"}
@@ -43,6 +44,21 @@ def add_adapters(model: nn.Module, lora) -> PeftModel:
     peft_model = get_peft_model(model, lora_config(lora))
     _fp32_adapters(peft_model)
     return peft_model
+
+
+def let_autocast_cast_inputs(model: nn.Module) -> None:
+    """Stop PEFT from casting each adapted Linear's input to the adapter dtype; training runs under autocast,
+    which casts the matmul inputs to the compute dtype anyway.
+
+    PEFT's nn.Linear LoRA layer casts its input to fp32 (the adapters' dtype) before dropout and lora_A, and
+    autocast casts the dropped input straight back to bf16 for the matmul: same values, but an fp32 copy and
+    an fp32 dropout per adapted projection. PEFT's bitsandbytes layer already skips that cast under autocast,
+    so with PEFT's defaults the bf16 arm moved more memory and time than the 4-bit arm: a dtype difference
+    between arms, which this study exists to remove. `cast_input_dtype_enabled` is PEFT's own switch for it.
+    """
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.cast_input_dtype_enabled = False
 
 
 def save_adapters(peft_model: PeftModel, out_dir: str | Path) -> None:
