@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     p.model.arch = a.arch
     base = "nf4" if a.method.startswith("qlora") else "bf16"
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta = make_base(a.arch, "none", base, NF4 if base == "nf4" else None, torch.bfloat16, "cuda")
+        # built on the CPU: what building leaves in this process must not count as the step's memory
+        model, meta = make_base(a.arch, "none", base, NF4 if base == "nf4" else None, torch.bfloat16, "cpu")
         save_base(model, meta, Path(tmp))
         del model
         torch.manual_seed(0)

@@ -104,6 +104,7 @@ def to_row(m: dict, baseline: int | None) -> dict:
         "peak_gib": _gib(m["peak_allocated_bytes"]),             # max_memory_allocated over the timed steps
         "reserved_gib": _gib(m["peak_reserved_bytes"]),          # max_memory_reserved over the timed steps
         "step_ms": m["step_ms"],                                 # median, synchronised
+        "step_mode": m.get("step_mode", "eager"),                # cuda_graph or eager
         "saved_activation_gib": _gib(m["saved_activation_bytes"]),
         "baseline_gib": _gib(baseline),  # allocated before the build: process-wide (cuBLAS workspace, leaks)
         "static_bytes": int(m["static_bytes"]),
@@ -267,19 +268,21 @@ def markdown(res: dict) -> str:
              f"{len(rows)} configurations{'' if res['complete'] else ' so far (run not finished)'}; "
              f"{c['n_classes']} classes, micro-batch = batch (no accumulation), compute dtype {c['compute_dtype']}, "
              f"{c['warmup']} warm-up + {c['steps']} timed steps each; step = median of the timed steps, "
-             f"synchronised; peak/reserved = allocator maxima over the timed steps.", "",
+             f"synchronised, in the step mode shown; peak/reserved = allocator maxima over {c['steps']} eager "
+             f"steps after the warm-up (ours: the same arithmetic as its CUDA-graph step, bitwise, since a "
+             f"replayed graph bypasses the allocator's statistics).", "",
              f"Versions: torch {v['torch']} (CUDA {v['cuda']}), open_clip {v['open_clip']}, peft {v['peft']}, "
              f"bitsandbytes {v['bitsandbytes']}. Command: `{c['command']}`", "", "## Measurements", "",
-             "| row | recipe | " + " | ".join(h for _, h, _ in SHOW) + " | trainable |",
-             "|---|---|" + "---|" * len(SHOW) + "---|"]
+             "| row | recipe | " + " | ".join(h for _, h, _ in SHOW) + " | step mode | trainable |",
+             "|---|---|" + "---|" * len(SHOW) + "---|---|"]
     for key, r in rows.items():
         for rec in RECIPES:
             m = r.get(rec, {})
             if "error" in m:
-                lines.append(f"| {key} | {rec} | failed: {m['error'][:120]} |" + " |" * len(SHOW))
+                lines.append(f"| {key} | {rec} | failed: {m['error'][:120]} |" + " |" * (len(SHOW) + 1))
                 continue
             lines.append(f"| {key} | {rec} | " + " | ".join(_fmt(m.get(f), nd) for f, _, nd in SHOW)
-                         + f" | {m.get('trainable_params', '—')} |")
+                         + f" | {m.get('step_mode', '—')} | {m.get('trainable_params', '—')} |")
     lines += ["", "## Ratios ours / plain", "", "| row | " + " | ".join(h for _, h in RATIOS) + " |",
               "|---|" + "---|" * len(RATIOS)]
     for key in rows:

@@ -64,6 +64,7 @@ BAD = [
     ("train.grad_accum", 0, ["train.grad_accum", "= 0", "integer >= 1"]),
     ("eval.batch_size", 0, ["eval.batch_size", "= 0", "integer >= 1"]),
     ("eval.workers", -1, ["eval.workers", "= -1", "integer >= 0"]),
+    ("train.cublas_workspace_kib", -1, ["train.cublas_workspace_kib", "= -1", "integer >= 0"]),
     ("profile.n_classes", 1, ["profile.n_classes", "= 1", "integer >= 2"]),
     # numbers out of range
     ("lora.dropout", 1.0, ["lora.dropout", "1.0", "[0, 1)"]),

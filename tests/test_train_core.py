@@ -2,6 +2,8 @@
 frozen text features are encoded once."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -103,3 +105,13 @@ def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_pa
         assert len(dtypes) == len(hooks) > 0
         seen[base] = set(dtypes)
     assert seen["bf16"] == seen["nf4"] == {torch.bfloat16}
+
+
+def test_cublas_workspace_goes_to_torchs_variables(saved_bases, tiny_params, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    _run(saved_bases, tiny_params, "lora")  # 0: torch's defaults stay untouched
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUBLASLT_WORKSPACE_SIZE" not in os.environ
+    tiny_params.train.cublas_workspace_kib = 1024
+    _run(saved_bases, tiny_params, "lora")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":1024:1" and os.environ["CUBLASLT_WORKSPACE_SIZE"] == "1024"

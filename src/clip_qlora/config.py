@@ -72,6 +72,7 @@ class Train:
     logit_scale: float = 100.0
     checkpoint_every: int = 500
     cuda_graph: bool = True
+    cublas_workspace_kib: int = 0
 
     @property
     def micro_batch(self) -> int:
@@ -225,6 +226,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     t.logit_scale = _num("train.logit_scale", t.logit_scale)
     _int("train.checkpoint_every", t.checkpoint_every)
     _bool("train.cuda_graph", t.cuda_graph)
+    _int("train.cublas_workspace_kib", t.cublas_workspace_kib, lo=0)
     _int("eval.batch_size", p.eval.batch_size)
     _int("eval.workers", p.eval.workers, lo=0)
     pr = p.profile

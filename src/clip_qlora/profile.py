@@ -1,7 +1,7 @@
 """A controlled memory/time profile of one method on synthetic inputs at the model's real size.
 
-It runs the same step as training (`make_step`: a CUDA graph on GPU, eager on CPU); only the inputs are synthetic (random pixels, numbered class
-prompts), since memory and speed do not depend on what the images show.
+It times the same step as training (`make_step`: a CUDA graph on GPU, eager on CPU); only the inputs are
+synthetic (random pixels, numbered class prompts), since memory and speed do not depend on what the images show.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
         torch.cuda.reset_peak_memory_stats()
     before = allocated_bytes(device) or 0
     run = build_run(base_dir, params, method, synthetic_prompts(n_classes), device,
-                    1 + 2 * warmup + steps)
+                    1 + 2 * (warmup + steps))
     static_alloc = allocated_bytes(device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(micro * accum, 3, run.size, run.size, generator=g, device=device)
@@ -74,20 +74,24 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
     torch.manual_seed(0)
     with acts.track():
         optimizer_step(run, batches)
-    # Memory over eager steps: a replayed CUDA graph bypasses the caching allocator, so its peaks would
-    # show only what capture left allocated. Eager peaks are what the original study measured.
+    # Memory over eager steps after a warm-up: a replayed CUDA graph bypasses the caching allocator, so its
+    # peaks would show only what capture left allocated. The eager step does the same arithmetic (bitwise
+    # equal on the H200) and its peaks are what the original study measured. Off CUDA nothing is measured.
     peak = CudaPeak(device)
-    peak.reset()
-    for i in range(warmup):
+    for i in range(warmup if peak.cuda else 0):
         torch.manual_seed(1 + i)  # as in training: each step re-seeds its dropout
+        optimizer_step(run, batches)
+    peak.reset()
+    for i in range(steps if peak.cuda else 0):
+        torch.manual_seed(1 + warmup + i)
         optimizer_step(run, batches)
     memory = peak.read()
     # Time with the step training runs (a CUDA graph where possible).
     step, mode = make_step(run, batches, params.train.cuda_graph)
     for i in range(warmup):
-        torch.manual_seed(1 + warmup + i)
+        torch.manual_seed(1 + warmup + steps + i)
         step(batches)
-    step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup)
+    step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup + steps)
     tb = trainable_bytes(run.model, run.optimizer)
     out = {"static_bytes": frozen_weight_bytes(run.model),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,

@@ -9,6 +9,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ def build_run(base_dir: str | Path, params, method: str, prompts: list[str], dev
 def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: list[str], device: str,
                  total_steps: int, adapter_dir: str | Path | None = None) -> Run:
     """`build_run` on a base already in memory (tests and benchmarks that skip the save/load)."""
+    set_cublas_workspace(params.train.cublas_workspace_kib)
     _, gc = METHODS[method]
     peft_model = (ad.load_adapters(model, adapter_dir, trainable=True) if adapter_dir
                   else ad.add_adapters(model, params.lora))
@@ -102,6 +104,18 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     tokens = TextTokens.from_prompts(prompts, meta["arch"]).tokens.to(device)
     return Run(peft_model, clip, tokens, ad.text_has_adapters(params.lora), optimizer, lr_at,
                getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta, blocks)
+
+
+def set_cublas_workspace(kib: int) -> None:
+    """Size torch's cuBLAS and cuBLASLt workspaces (0 keeps torch's default) through torch's own variables.
+
+    torch reads them once, at the first matmul of the process: the stages and the profile's measuring
+    processes call this before any. The workspace is memory that every method holds alike (one per handle,
+    i.e. per thread that runs matmuls); a smaller one saves that memory but lets cuBLAS pick slower kernels.
+    """
+    if kib:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = f":{kib}:1"
+        os.environ["CUBLASLT_WORKSPACE_SIZE"] = str(kib)
 
 
 def cosine_lr(lr: float, min_lr: float, total: int, step: int) -> float:
