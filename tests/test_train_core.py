@@ -115,3 +115,28 @@ def test_cublas_workspace_goes_to_torchs_variables(saved_bases, tiny_params, mon
     tiny_params.train.cublas_workspace_kib = 1024
     _run(saved_bases, tiny_params, "lora")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":1024:1" and os.environ["CUBLASLT_WORKSPACE_SIZE"] == "1024"
+
+
+def test_skipping_pefts_input_cast_keeps_loss_and_grads(tmp_path, tiny_params):
+    """Under bf16 autocast the fp32 copy PEFT makes of each adapter input is cast straight back to bf16 for
+    the matmul, so dropping it changes no number (dropout off: CPU draws masks per dtype)."""
+    from clip_qlora.base import make_base, save_base
+
+    tiny_params.lora.dropout = 0.0
+    model, meta = make_base("clip-tiny", "none", "bf16", None, torch.bfloat16, "cpu")
+    save_base(model, meta, tmp_path / "bf16")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1])
+    out = []
+    for cast in (True, False):
+        run = _run({"bf16": tmp_path / "bf16"}, tiny_params, "lora")
+        for m in run.model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = cast  # True = PEFT's default
+        loss = loss_on(run, images, labels)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad}))
+    (l_cast, g_cast), (l_ours, g_ours) = out
+    assert torch.equal(l_cast, l_ours)
+    for n in g_cast:
+        assert g_cast[n].abs().sum() > 0 and torch.allclose(g_cast[n], g_ours[n], rtol=1e-3, atol=1e-7), n
