@@ -173,7 +173,7 @@ def measure_plain(method: str, arch: str, micro: int, accum: int, n_classes: int
     peak.reset()
     step_ms = median_step_ms(lambda: plain_step(state, x, y, micro), steps, device)
     tb = trainable_bytes(state.model, state.optimizer)
-    out = {"static_bytes": frozen_weight_bytes(state.model),
+    out = {"static_bytes": frozen_weight_bytes(state.model, device),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],

@@ -72,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for <date>-<gpu>.json and .md")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 keeps a CPU smoke test fast on a busy machine")
+    ap.add_argument("--recipes", nargs="+", default=["ours", "plain"], choices=("ours", "plain"),
+                    help="measure only one side (a sweep of ours); ratios and targets need both")
+    ap.add_argument("--cublas-workspace-kib", type=int, default=0,
+                    help="ours: train.cublas_workspace_kib (0 = torch's default); the plain recipe keeps torch's")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="ours: override a params.yaml key (repeatable), e.g. --set train.overlap_text=false")
     ap.add_argument("--tag", default="", help="suffix for the file stem (e.g. a second run on the same day)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 1 or a.n_classes < 2 or min(a.batches) < 1:
@@ -99,7 +105,7 @@ def _gib(b):
 def to_row(m: dict, baseline: int | None) -> dict:
     """One recipe's measurement in the result file's units (GiB, ms) plus the exact integers behind them."""
     return {
-        "static_gib": _gib(m["static_bytes"]),                   # exact frozen-weight bytes (any device)
+        "static_gib": _gib(m["static_bytes"]),                   # exact frozen-weight bytes on the device
         "allocated_gib": _gib(m["memory_allocated_bytes"]),      # memory_allocated after load (CUDA only)
         "peak_gib": _gib(m["peak_allocated_bytes"]),             # max_memory_allocated over the timed steps
         "reserved_gib": _gib(m["peak_reserved_bytes"]),          # max_memory_reserved over the timed steps
@@ -242,7 +248,7 @@ def check_targets(rows: dict, batches: list[int], device: str) -> list[dict]:
     v = max(s[0] for s in st) if st else None
     alloc = st[0][1] if st else None
     out.append(_verdict("ours qlora static <= 0.110 GiB", v, 0.110,
-                        f"exact frozen-weight bytes {_fmt(v, 4)} GiB vs 0.110 GiB "
+                        f"exact frozen-weight bytes on the device {_fmt(v, 4)} GiB vs 0.110 GiB "
                         f"(memory_allocated after load, adapters and prompts included: {_fmt(alloc, 4)} GiB)"))
     return out
 
@@ -364,7 +370,8 @@ def main(argv=None) -> dict:
     res = {"date": date, "gpu": gpu, "versions": versions(),
            "config": {"arch": args.arch, "device": device, "compute_dtype": str(dtype).removeprefix("torch."),
                       "batches": batches, "methods": methods, "steps": args.steps, "warmup": args.warmup,
-                      "n_classes": args.n_classes, "grad_accum": 1, "torch_threads": torch.get_num_threads(),
+                      "n_classes": args.n_classes, "grad_accum": 1,
+                      "cublas_workspace_kib": args.cublas_workspace_kib, "recipes": args.recipes, "set": args.set, "torch_threads": torch.get_num_threads(),
                       "command": command},
            "complete": False, "rows": {}, "targets": []}
     log(f"{args.arch} on {gpu} ({device}, {res['config']['compute_dtype']}); methods {methods}, batches {batches}, "
@@ -372,10 +379,19 @@ def main(argv=None) -> dict:
     log(f"versions: {res['versions']}")
 
     params = Params()
+    params.train.cublas_workspace_kib = args.cublas_workspace_kib
+    import yaml
+
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not hasattr(params, section) or not hasattr(getattr(params, section), name):
+            raise SystemExit(f"--set {item}: unknown key {key!r}; expected SECTION.KEY of params.yaml")
+        setattr(getattr(params, section), name, yaml.safe_load(value))
     failed = False
     with tempfile.TemporaryDirectory(prefix="clip-qlora-bench-") as tmp:
         base_dirs = {}
-        for base in sorted({BASE_OF[m] for m in methods}):
+        for base in sorted({BASE_OF[m] for m in methods} if "ours" in args.recipes else ()):
             t0 = time.perf_counter()
             try:
                 model, meta = make_base(args.arch, "none", base, backends.get(base).settings(params), dtype, device)
@@ -396,15 +412,19 @@ def main(argv=None) -> dict:
                 i += 1
                 key = f"{method}-b{b}"
                 log(f"[{i}/{n}] {key}")
-                plain_row = measure_one("plain", measure_plain, (
-                    method, args.arch, b, 1, args.n_classes, args.warmup, args.steps, device, dtype), device)
-                base_dir = base_dirs[BASE_OF[method]]
-                if isinstance(base_dir, Exception):
+                plain_row = {"error": "not measured (--recipes)"}
+                if "plain" in args.recipes:
+                    plain_row = measure_one("plain", measure_plain, (
+                        method, args.arch, b, 1, args.n_classes, args.warmup, args.steps, device, dtype), device)
+                base_dir = base_dirs.get(BASE_OF[method])
+                if "ours" not in args.recipes:
+                    ours_row = {"error": "not measured (--recipes)"}
+                elif isinstance(base_dir, Exception):
                     ours_row = {"error": str(base_dir)}
                 else:
                     ours_row = measure_one("ours ", measure, (params, method, base_dir, b, 1, args.n_classes,
                                                                args.warmup, args.steps, device), device)
-                failed |= "error" in plain_row or "error" in ours_row
+                failed |= any("error" in r and "--recipes" not in r["error"] for r in (plain_row, ours_row))
                 res["rows"][key] = {"ours": ours_row, "plain": plain_row}
                 r = {f: ratio(res["rows"], key, f) for f in ("peak_gib", "step_ms")}
                 log(f"  ratio ours/plain: peak {_fmt(r['peak_gib'])}, step {_fmt(r['step_ms'])}")

@@ -66,3 +66,34 @@ def test_reload_matches_the_model_that_was_saved(tmp_path):
     again, _ = load_base(tmp_path / "nf4", "cpu")
     for (x, y) in zip(_features(model), _features(again)):
         assert torch.equal(x, y)
+
+
+def test_expanded_absmax_gives_the_same_forward_and_backward_for_exact_bytes(saved_bases):
+    from clip_qlora.backends import nf4
+
+    nested, _ = load_base(saved_bases["nf4"], "cpu")
+    expanded, _ = load_base(saved_bases["nf4"], "cpu")
+    extra = 0
+    for *_, lin in block_linears(expanded):
+        qs = lin.weight.quant_state
+        blocks = qs.absmax.numel()
+        # fp32 instead of uint8 constants, and the nested state (absmax, code book, offset) no longer needed
+        extra += blocks * 4 - blocks - (qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4 + 4)
+    before = frozen_weight_bytes(expanded)
+    nf4.for_training(expanded, expand_absmax=True)
+    assert all(not lin.weight.quant_state.nested for *_, lin in block_linears(expanded))
+    assert frozen_weight_bytes(expanded) - before == extra  # (negative on clip-tiny: 1 KiB code books)
+
+    img = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (nested, expanded):
+        x = img.clone().requires_grad_(True)
+        out = encode_image(model, x)
+        out.square().sum().backward()  # backward dequantizes again: the input gradient goes through it
+        grads.append((out.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[0][1].abs().sum() > 0
+    for a, b in zip(_features(nested), _features(expanded)):
+        assert torch.equal(a, b)
+    nf4.for_training(nested, expand_absmax=False)  # false leaves the double-quantized state alone
+    assert all(lin.weight.quant_state.nested for *_, lin in block_linears(nested))

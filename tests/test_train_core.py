@@ -140,3 +140,37 @@ def test_skipping_pefts_input_cast_keeps_loss_and_grads(tmp_path, tiny_params):
     assert torch.equal(l_cast, l_ours)
     for n in g_cast:
         assert g_cast[n].abs().sum() > 0 and torch.allclose(g_cast[n], g_ours[n], rtol=1e-3, atol=1e-7), n
+
+
+def test_precomputed_prompt_embeddings_give_the_same_class_features(saved_bases, tiny_params):
+    import torch.nn.functional as F
+
+    from clip_qlora.memory import frozen_weight_bytes
+    from clip_qlora.model import encode_text
+
+    tiny_params.lora.dropout = 0.0
+    run = _run(saved_bases, tiny_params, "lora")
+    assert run.text_input.shape[:2] == run.tokens.shape and not run.text_input.requires_grad
+    with run.autocast():
+        ours = run.class_features()
+        through_the_table = F.normalize(encode_text(run.clip, run.tokens), dim=-1)
+    assert torch.equal(ours, through_the_table)
+    # static bytes per device: everything is on the CPU here, nothing on a GPU
+    assert frozen_weight_bytes(run.model, "cpu") == frozen_weight_bytes(run.model) > 0
+    assert frozen_weight_bytes(run.model, "cuda") == 0
+
+
+def test_expanded_absmax_trains_identically(saved_bases, tiny_params):
+    import bitsandbytes as bnb
+
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for expand in (False, True):
+        tiny_params.train.expand_absmax = expand
+        run = _run(saved_bases, tiny_params, "qlora_gc")
+        linears = [m for m in run.clip.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert linears and all(m.weight.quant_state.nested != expand for m in linears)
+        grads[expand] = _grads(run, images, labels)
+    for n, g in grads[True].items():
+        assert g.abs().sum() > 0 and torch.equal(g, grads[False][n]), n

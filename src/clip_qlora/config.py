@@ -73,6 +73,8 @@ class Train:
     checkpoint_every: int = 500
     cuda_graph: bool = True
     cublas_workspace_kib: int = 0
+    expand_absmax: bool = True
+    overlap_text: bool = True
 
     @property
     def micro_batch(self) -> int:
@@ -227,6 +229,8 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     _int("train.checkpoint_every", t.checkpoint_every)
     _bool("train.cuda_graph", t.cuda_graph)
     _int("train.cublas_workspace_kib", t.cublas_workspace_kib, lo=0)
+    _bool("train.expand_absmax", t.expand_absmax)
+    _bool("train.overlap_text", t.overlap_text)
     _int("eval.batch_size", p.eval.batch_size)
     _int("eval.workers", p.eval.workers, lo=0)
     pr = p.profile

@@ -18,11 +18,12 @@ def _storage_id(t: torch.Tensor) -> tuple:
     return (t.device.type, t.device.index, s.data_ptr())
 
 
-def unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and aliases counted once)."""
+def unique_bytes(tensors, device: str | None = None) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases counted once), on `device` if given."""
     seen, total = set(), 0
+    only = None if device is None else torch.device(device).type
     for t in tensors:
-        if t is None or t.device.type == "meta":
+        if t is None or t.device.type == "meta" or (only is not None and t.device.type != only):
             continue
         key = _storage_id(t)
         if key not in seen:
@@ -48,8 +49,9 @@ def frozen_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def frozen_weight_bytes(model: nn.Module) -> int:
-    return unique_bytes(frozen_tensors(model))
+def frozen_weight_bytes(model: nn.Module, device: str | None = None) -> int:
+    """Frozen bytes of the model, or of what of it is on `device` (a GPU run keeps the token table on the host)."""
+    return unique_bytes(frozen_tensors(model), device)
 
 
 def trainable_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:

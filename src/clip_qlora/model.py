@@ -180,11 +180,21 @@ class TextTokens:
         return cls(tok)
 
 
-def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip's encode_text for any context length <= the model's (unnormalised features)."""
+def embed_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The text tower's input: token plus position embeddings, in the tower's cast dtype."""
     n = tokens.shape[1]
     cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    return model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor, embedded: torch.Tensor | None = None) -> torch.Tensor:
+    """open_clip's encode_text for any context length <= the model's (unnormalised features).
+
+    `embedded`: `embed_prompts(model, tokens)` computed beforehand (both embeddings are frozen, so a training
+    run computes it once and need not keep the 49408-row token table on the GPU).
+    """
+    n = tokens.shape[1]
+    x = embed_prompts(model, tokens) if embedded is None else embedded
     x = model.transformer(x, attn_mask=model.attn_mask[:n, :n] if model.attn_mask is not None else None)
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type)

@@ -93,7 +93,7 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
         step(batches)
     step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup + steps)
     tb = trainable_bytes(run.model, run.optimizer)
-    out = {"static_bytes": frozen_weight_bytes(run.model),
+    out = {"static_bytes": frozen_weight_bytes(run.model, device),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],

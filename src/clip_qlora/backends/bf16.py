@@ -17,6 +17,11 @@ def prepare_for_load(model: nn.Module, settings, compute_dtype) -> nn.Module:
     return model
 
 
+def for_training(model: nn.Module, expand_absmax: bool) -> nn.Module:
+    """Nothing is quantized: nothing to prepare."""
+    return model
+
+
 def load_quantized(model: nn.Module, state: dict, device) -> set[str]:
     """Nothing is quantized: every tensor goes through plain load_state_dict."""
     return set()
