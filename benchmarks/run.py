@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch CPU threads (0 = torch's default); 1 keeps a CPU smoke test fast on a busy machine")
     ap.add_argument("--recipes", nargs="+", default=["ours", "plain"], choices=("ours", "plain"),
                     help="measure only one side (a sweep of ours); ratios and targets need both")
-    ap.add_argument("--cublas-workspace-kib", type=int, default=0,
-                    help="ours: train.cublas_workspace_kib (0 = torch's default); the plain recipe keeps torch's")
+    ap.add_argument("--cublas-workspace-kib", type=int, default=None,
+                    help="ours: train.cublas_workspace_kib (default: params' 1024; 0 = torch's); plain keeps torch's")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="ours: override a params.yaml key (repeatable), e.g. --set train.overlap_text=false")
     ap.add_argument("--tag", default="", help="suffix for the file stem (e.g. a second run on the same day)")
@@ -278,7 +278,12 @@ def markdown(res: dict) -> str:
              f"steps after the warm-up (ours: the same arithmetic as its CUDA-graph step, bitwise, since a "
              f"replayed graph bypasses the allocator's statistics).", "",
              f"Versions: torch {v['torch']} (CUDA {v['cuda']}), open_clip {v['open_clip']}, peft {v['peft']}, "
-             f"bitsandbytes {v['bitsandbytes']}. Command: `{c['command']}`", "", "## Measurements", "",
+             f"bitsandbytes {v['bitsandbytes']}. Command: `{c['command']}`", "",
+             f"Ours ran with cuBLAS/cuBLASLt workspaces of "
+             + (f"{c['cublas_workspace_kib']} KiB" if c.get("cublas_workspace_kib") else "torch's default size")
+             + " (`train.cublas_workspace_kib`)"
+             + (f" and `{'`, `'.join(c['set'])}`" if c.get("set") else "") + "; the plain recipe with torch's defaults.",
+             "", "## Measurements", "",
              "| row | recipe | " + " | ".join(h for _, h, _ in SHOW) + " | step mode | trainable |",
              "|---|---|" + "---|" * len(SHOW) + "---|---|"]
     for key, r in rows.items():
@@ -299,8 +304,8 @@ def markdown(res: dict) -> str:
                   f"{res['gpu']} with {c['n_classes']} classes, so these verdicts are indicative only.", ""]
     for t in res["targets"]:
         lines.append(f"- **{t['status']}** — {t['target']}: {t['detail']}")
-    lines += ["", "static = exact bytes of the frozen weights (parameters, buffers and bitsandbytes quantization "
-              "state, each storage once); alloc = `memory_allocated` right after the model, adapters, optimizer and "
+    lines += ["", "static = exact bytes of the frozen weights on the device (parameters, buffers and bitsandbytes "
+              "quantization state, each storage once; ours keeps the token-embedding table on the host); alloc = `memory_allocated` right after the model, adapters, optimizer and "
               "prompts are on the device. Absolute times move by ~1.5x between machines of the same kind: compare "
               "ratios from one run.", ""]
     return "\n".join(lines)
@@ -379,7 +384,8 @@ def main(argv=None) -> dict:
     log(f"versions: {res['versions']}")
 
     params = Params()
-    params.train.cublas_workspace_kib = args.cublas_workspace_kib
+    if args.cublas_workspace_kib is not None:
+        params.train.cublas_workspace_kib = args.cublas_workspace_kib
     import yaml
 
     for item in args.set:
@@ -388,6 +394,7 @@ def main(argv=None) -> dict:
         if not hasattr(params, section) or not hasattr(getattr(params, section), name):
             raise SystemExit(f"--set {item}: unknown key {key!r}; expected SECTION.KEY of params.yaml")
         setattr(getattr(params, section), name, yaml.safe_load(value))
+    res["config"]["cublas_workspace_kib"] = params.train.cublas_workspace_kib  # what ours ran with
     failed = False
     with tempfile.TemporaryDirectory(prefix="clip-qlora-bench-") as tmp:
         base_dirs = {}

@@ -110,6 +110,7 @@ def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_pa
 def test_cublas_workspace_goes_to_torchs_variables(saved_bases, tiny_params, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    tiny_params.train.cublas_workspace_kib = 0
     _run(saved_bases, tiny_params, "lora")  # 0: torch's defaults stay untouched
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUBLASLT_WORKSPACE_SIZE" not in os.environ
     tiny_params.train.cublas_workspace_kib = 1024

@@ -72,7 +72,7 @@ class Train:
     logit_scale: float = 100.0
     checkpoint_every: int = 500
     cuda_graph: bool = True
-    cublas_workspace_kib: int = 0
+    cublas_workspace_kib: int = 1024
     expand_absmax: bool = True
     overlap_text: bool = True
 
