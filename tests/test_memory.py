@@ -97,3 +97,23 @@ def test_trainable_state_bytes(saved_bases, tiny_params):
     # AdamW: exp_avg and exp_avg_sq in fp32 per parameter, plus a scalar step per tensor
     n_tensors = sum(1 for p in run.model.parameters() if p.requires_grad)
     assert tb["optimizer_state"] == 8 * n + 4 * n_tensors
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "qlora_gc"])
+def test_saved_activations_under_accumulation_are_one_micro_batch(saved_bases, tiny_params, method):
+    """Each micro-batch's saved tensors are freed by its backward: a 2x4 step needs what a 2x1 step needs
+    (text tower once, plus one micro-batch), not four micro-batches' worth, and the same in both arms."""
+    from clip_qlora.train import build_run
+
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % len(PROMPTS)
+    got = {}
+    for accum in (1, 4):
+        run = build_run(saved_bases["bf16" if method == "lora" else "nf4"], tiny_params, method, PROMPTS, "cpu", 10)
+        acts = SavedActivations(run.model)
+        with acts.track():
+            optimizer_step(run, [(images[2 * i:2 * i + 2], labels[2 * i:2 * i + 2]) for i in range(accum)])
+        got[accum] = (acts.bytes, acts.count)
+    (one, n_one), (four, n_four) = got[1], got[4]
+    assert one > 0 and four == one, got
+    assert n_four > n_one  # four micro-batches did save their tensors: each was counted, then released

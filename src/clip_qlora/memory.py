@@ -7,6 +7,7 @@ own figures (allocated after load, max allocated/reserved over steps) are report
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -75,30 +76,43 @@ def adamw_state_bytes(model: nn.Module) -> int:
 
 @dataclass
 class SavedActivations:
-    """Counts bytes that autograd saves for backward while the context is active.
+    """The most bytes that tensors saved for backward hold at once while the context is active.
+
+    Without accumulation that is everything one step's forward saves. With accumulation each micro-batch's
+    saved tensors are freed by its backward before the next forward, so it is the text tower's plus one
+    micro-batch's, the memory a step really needs. (Counting every storage ever saved, deduplicated by
+    address, mixed the two: freed addresses reused by the next micro-batch were counted or not depending on
+    the allocator, and the arms differed by allocation order alone.)
 
     Frozen weights that F.linear keeps for the input gradient also pass through the hooks: they are weights,
     already counted in (a), so every parameter, buffer and quant-state storage is excluded here.
     """
     model: nn.Module
-    bytes: int = 0
-    count: int = 0
-    _seen: set = field(default_factory=set)
+    bytes: int = 0              # the peak
+    count: int = 0              # storages saved
+    _live: dict = field(default_factory=dict)  # storage -> bytes, while a tensor saved on it is alive
+    _now: int = 0
     _weights: set = field(default_factory=set)
 
     def _pack(self, t: torch.Tensor):
         if t.device.type != "meta":
             key = _storage_id(t)
-            if key not in self._weights and key not in self._seen:
-                self._seen.add(key)
-                self.bytes += t.untyped_storage().nbytes()
+            if key not in self._weights and key not in self._live:
+                n = t.untyped_storage().nbytes()
+                self._live[key] = n
+                self._now += n
+                self.bytes = max(self.bytes, self._now)
                 self.count += 1
+                weakref.finalize(t, self._release, key)  # when backward (or the caller) lets go of it
         return t
+
+    def _release(self, key) -> None:
+        self._now -= self._live.pop(key, 0)
 
     @contextlib.contextmanager
     def track(self):
         self._weights = {_storage_id(t) for t in list(self.model.parameters()) + frozen_tensors(self.model)}
-        self._seen, self.bytes, self.count = set(), 0, 0
+        self._live, self._now, self.bytes, self.count = {}, 0, 0, 0
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
 
