@@ -2,8 +2,8 @@
 
 A backend decides how the frozen block Linears are stored (bf16 as is, or bitsandbytes 4-bit) and how a
 saved base is rebuilt. Everything else (adapters, training, evaluation) is shared by all backends.
-Adding one (e.g. an 8-bit or HQQ base) means a module with the functions bf16.py has (settings, convert, prepare_for_load,
-load_quantized, for_training) and an entry below.
+Adding one (e.g. an 8-bit or HQQ base) means a module with the functions bf16.py has (settings, convert,
+prepare_for_load, load_quantized, for_training) and an entry below.
 """
 from __future__ import annotations
 
