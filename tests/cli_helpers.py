@@ -85,9 +85,10 @@ def stage_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "stages", *args]
 
 
-def run_stage(folder: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_stage(folder: Path, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m stages <args>` with cwd = folder, as DVC runs it."""
-    return subprocess.run(stage_cmd(*args), cwd=folder, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(stage_cmd(*args), cwd=folder, env=env or ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def start_stage(folder: Path, *args: str, log: Path) -> subprocess.Popen:

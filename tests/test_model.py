@@ -81,7 +81,7 @@ def test_local_checkpoint_loads_exactly(tmp_path, fmt):
     sd = {k: v.contiguous() for k, v in src.state_dict().items()}
     path = tmp_path / f"ckpt.{fmt}"
     save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"state_dict": sd}, path)
-    model, pretrained = M.create_clip("clip-tiny", str(path))
+    model, pretrained = M.create_clip("clip-tiny", str(path), quick_gelu=False)
     assert pretrained is True
     assert torch.equal(model.token_embedding.weight, src.token_embedding.weight)
 
@@ -105,3 +105,51 @@ def test_uncached_tag_offline_is_one_clear_line(monkeypatch, tmp_path):
 def test_bad_model_settings(arch, pretrained, needle):
     with pytest.raises(UserError, match=needle):
         M.create_clip(arch, pretrained)
+
+
+# ---- the activation the weights were trained with (QuickGELU for OpenAI's) -----------------------------------
+
+@pytest.mark.parametrize("arch,pretrained,setting,expected", [
+    ("ViT-B-16", "openai", "auto", True),              # the tag's pretrained config says quick_gelu
+    ("ViT-B-16", "laion2b_s34b_b88k", "auto", False),  # trained with exact GELU
+    ("ViT-B-16", "none", "auto", False),               # random weights: the architecture's own config
+    ("ViT-B-16-quickgelu", "none", "auto", True),
+    ("ViT-B-16", "openai", False, False),              # an explicit setting wins
+    ("ViT-B-16", "none", True, True),
+])
+def test_quick_gelu_resolution(arch, pretrained, setting, expected):
+    assert M.resolve_quick_gelu(arch, pretrained, setting) is expected
+
+
+def test_local_checkpoint_needs_an_explicit_activation(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    with pytest.raises(UserError, match="model.quick_gelu") as e:
+        M.create_clip("clip-tiny", str(path))
+    assert "\n" not in str(e.value) and "true" in str(e.value)
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_activation_is_built_in_every_block_and_survives_a_reload(tmp_path, setting):
+    from clip_qlora.base import load_base, save_base
+
+    model, meta = make_base("clip-tiny", "none", "nf4", {"type": "nf4", "double_quant": True, "blocksize": 64},
+                            torch.float32, "cpu", quick_gelu=setting)
+    assert M.uses_quick_gelu(model) is setting
+    assert meta["activation"] == ("quick_gelu" if setting else "gelu")
+    save_base(model, meta, tmp_path / "nf4")
+    again, meta2 = load_base(tmp_path / "nf4", "cpu")
+    assert M.uses_quick_gelu(again) is setting and meta2["activation"] == meta["activation"]
+    tok = M.TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
+    with torch.no_grad():
+        assert torch.equal(M.encode_text(model, tok), M.encode_text(again, tok))
+
+
+def test_the_two_activations_compute_different_functions():
+    """Why it matters: the same weights give other features under the other activation."""
+    gelu, _ = M.create_clip("clip-tiny", "none", quick_gelu=False)
+    quick, _ = M.create_clip("clip-tiny", "none", quick_gelu=True)
+    quick.load_state_dict(gelu.state_dict())
+    img = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(gelu.encode_image(img), quick.encode_image(img), atol=1e-4)

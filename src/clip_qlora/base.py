@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from . import backends
 from .io import UserError, atomic_dir
-from .model import build_base
+from .model import build_base, uses_quick_gelu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,12 +31,14 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def make_base(arch: str, pretrained: str, base: str, settings: dict | None, compute_dtype: torch.dtype,
-              device: str) -> tuple[nn.Module, dict]:
+              device: str, quick_gelu="auto") -> tuple[nn.Module, dict]:
     """Build the base of one arm on `device`. Returns (model, meta) where meta describes it for reloading."""
-    model, is_pretrained = build_base(arch, pretrained, compute_dtype)
+    model, is_pretrained = build_base(arch, pretrained, compute_dtype, quick_gelu)
     model = backends.get(base).convert(model, settings, compute_dtype, device)
+    # the activation that ran is part of the base: a reload must rebuild the same function
     meta = {"arch": arch, "pretrained": str(pretrained), "is_pretrained": is_pretrained, "base": base,
-            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings}
+            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings,
+            "activation": "quick_gelu" if uses_quick_gelu(model) else "gelu"}
     return model, meta
 
 
@@ -59,7 +61,10 @@ def load_base(base_dir: str | Path, device: str) -> tuple[nn.Module, dict]:
         raise UserError(f"{meta_path}: missing; run the quantize stage first (dvc repro quantize)")
     meta = json.loads(meta_path.read_text())
     dtype = getattr(torch, meta["compute_dtype"])
-    model, _ = build_base(meta["arch"], "none", dtype)
+    if meta.get("activation") not in ("quick_gelu", "gelu"):
+        raise UserError(f"{meta_path}: no 'activation' recorded (made by an older version); rerun the quantize stage")
+    model, _ = build_base(meta["arch"], "none", dtype, quick_gelu=meta["activation"] == "quick_gelu",
+                          announce=False)
     backend = backends.get(meta["base"])
     backend.prepare_for_load(model, meta["settings"], dtype)
     state = load_file(str(base_dir / "model.safetensors"))

@@ -40,6 +40,7 @@ class Model:
     pretrained: str = "openai"
     compute_dtype: str = "auto"
     device: str = "auto"
+    quick_gelu: Any = "auto"
 
 
 @dataclass
@@ -189,6 +190,8 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
+    if m.quick_gelu not in ("auto", True, False) or type(m.quick_gelu) not in (str, bool):
+        raise _bad("model.quick_gelu", m.quick_gelu, "auto, true or false")
     if not (m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(m.device))):
         raise _bad("model.device", m.device, "auto, cpu, cuda or cuda:N")
     q = p.quant

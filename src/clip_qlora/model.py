@@ -103,28 +103,73 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
                         f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
 
 
-def create_clip(arch: str, pretrained: str) -> tuple[nn.Module, bool]:
-    """Build an fp32 open_clip CLIP. Returns (model, pretrained?) — random init is not a result."""
+def resolve_quick_gelu(arch: str, pretrained: str, setting) -> bool:
+    """The activation the weights were trained with: QuickGELU (x * sigmoid(1.702 x)) or exact GELU.
+
+    OpenAI's CLIP weights were trained with QuickGELU, but open_clip's plain configs (ViT-B-16) build nn.GELU
+    and only warn when the `openai` tag's weights are loaded into them: every number would come from a model
+    running another function than the one it was trained with. `auto` reads the tag's pretrained config (the
+    fact open_clip keeps for each tag), uses the architecture's own config for random weights, and refuses to
+    guess for a local checkpoint, whose file does not say.
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise UserError(f"model.quick_gelu: {setting!r}: expected auto, true or false")
+    if pretrained in ("none", "", None):
+        return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+    if _is_local(pretrained):
+        raise UserError(f"model.quick_gelu: auto cannot tell which activation the local checkpoint {pretrained} "
+                        f"was trained with; set model.quick_gelu to true (OpenAI CLIP weights) or false")
+    return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+
+
+def _is_local(pretrained: str) -> bool:
+    path = Path(str(pretrained)).expanduser()
+    return path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists()
+
+
+def _activation_kwargs(quick_gelu: bool) -> dict:
+    # force_quick_gelu is open_clip's switch for True; a `-quickgelu` config is turned back with the model kwarg
+    return {"force_quick_gelu": True} if quick_gelu else {"quick_gelu": False}
+
+
+def uses_quick_gelu(model: nn.Module) -> bool:
+    """True when every block MLP of both towers runs QuickGELU (open_clip builds all of them alike)."""
+    acts = [type(block.mlp.gelu).__name__ for tower in (model.visual, model)
+            for block in tower.transformer.resblocks]
+    return all(a == "QuickGELU" for a in acts)
+
+
+def create_clip(arch: str, pretrained: str, quick_gelu="auto", announce: bool = True) -> tuple[nn.Module, bool]:
+    """Build an fp32 open_clip CLIP. Returns (model, pretrained?) — random init is not a result.
+
+    `quick_gelu`: auto, True or False (see `resolve_quick_gelu`); `uses_quick_gelu(model)` tells which ran.
+    `announce=False`: no "random weights" warning (a skeleton that saved weights are about to fill).
+    """
     register_configs()
     if arch not in open_clip.list_models():
         raise UserError(f"model.arch: unknown architecture {arch!r}; expected an open_clip name "
                         f"such as ViT-B-16 or the shipped clip-tiny")
-    torch.manual_seed(INIT_SEED)
-    if pretrained in ("none", "", None):
-        log.warning("model.pretrained is 'none': random weights. Memory and time are real, accuracy is not.")
-        return open_clip.create_model(arch, pretrained=None), False
-    path = Path(str(pretrained)).expanduser()
-    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists():
-        if not path.exists():
-            raise UserError(f"model.pretrained: checkpoint {path} not found")
-        model = open_clip.create_model(arch, pretrained=None)
-        _load_checkpoint(model, path)
-        return model, True
-    if pretrained not in open_clip.list_pretrained_tags_by_model(arch):
+    if not (pretrained in ("none", "", None) or _is_local(pretrained)
+            or pretrained in open_clip.list_pretrained_tags_by_model(arch)):
         raise UserError(f"model.pretrained: {pretrained!r} is not an open_clip tag for {arch} "
                         f"(known: {open_clip.list_pretrained_tags_by_model(arch)}), a local checkpoint, or 'none'")
+    path = Path(str(pretrained)).expanduser()
+    if _is_local(pretrained) and not path.exists():
+        raise UserError(f"model.pretrained: checkpoint {path} not found")
+    act = _activation_kwargs(resolve_quick_gelu(arch, pretrained, quick_gelu))
+    torch.manual_seed(INIT_SEED)
+    if pretrained in ("none", "", None):
+        if announce:
+            log.warning("model.pretrained is 'none': random weights. Memory and time are real, accuracy is not.")
+        return open_clip.create_model(arch, pretrained=None, **act), False
+    if _is_local(pretrained):
+        model = open_clip.create_model(arch, pretrained=None, **act)
+        _load_checkpoint(model, path)
+        return model, True
     try:
-        return open_clip.create_model(arch, pretrained=pretrained), True
+        return open_clip.create_model(arch, pretrained=pretrained, **act), True
     except Exception as e:  # hub errors come in many types; all mean the weights are not here
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
         raise UserError(
@@ -143,9 +188,10 @@ def prepare_precision(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
     return model
 
 
-def build_base(arch: str, pretrained: str, compute_dtype: torch.dtype) -> tuple[nn.Module, bool]:
+def build_base(arch: str, pretrained: str, compute_dtype: torch.dtype, quick_gelu="auto",
+               announce: bool = True) -> tuple[nn.Module, bool]:
     """open_clip CLIP with split attention in the common precision, frozen, on CPU."""
-    model, is_pretrained = create_clip(arch, pretrained)
+    model, is_pretrained = create_clip(arch, pretrained, quick_gelu, announce)
     split_attention(model)
     prepare_precision(model, compute_dtype)
     model.requires_grad_(False)

@@ -50,8 +50,10 @@ def _base_of(method: str) -> Path:
     return Path(pointer["dir"])
 
 
-def _common(p, device: str, is_pretrained: bool) -> dict:
-    return {"pretrained": bool(is_pretrained), "device": device_name(device), "versions": versions()}
+def _common(p, device: str, meta: dict) -> dict:
+    """What every metrics file records: real weights or not, the activation that ran, device, versions."""
+    return {"pretrained": bool(meta["is_pretrained"]), "activation": meta["activation"],
+            "device": device_name(device), "versions": versions()}
 
 
 # ---- quantize -----------------------------------------------------------------------------------------------
@@ -71,7 +73,8 @@ def quantize(p, base: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = allocated_bytes(device) or 0
-    model, meta = make_base(p.model.arch, p.model.pretrained, base, settings, dtype, device)
+    model, meta = make_base(p.model.arch, p.model.pretrained, base, settings, dtype, device,
+                            p.model.quick_gelu)
     after = allocated_bytes(device)
     save_base(model, meta, base_dir(base))
     digest = _sha256(base_dir(base) / "model.safetensors")
@@ -82,7 +85,7 @@ def quantize(p, base: str) -> dict:
     metrics = {"base": base, "static_bytes": frozen_weight_bytes(model),
                "memory_allocated_bytes": None if after is None else after - before,
                "arch": p.model.arch, "compute_dtype": meta["compute_dtype"], "quant": settings,
-               **_common(p, device, meta["is_pretrained"])}
+               **_common(p, device, meta)}
     write_json(Path("metrics/static") / f"{base}.json", metrics)
     return metrics
 
@@ -133,7 +136,7 @@ def train(p, method: str, dataset: str) -> dict:
                "per_seed": {s: {"train_seconds": r["train_seconds"], "final_loss": r["final_loss"],
                                 "peak_allocated_bytes": r["peak_allocated_bytes"],
                                 "resumed_from": r["resumed_from"]} for s, r in per_seed.items()},
-               **_common(p, device, first["is_pretrained"])}
+               **_common(p, device, meta)}
     write_json(Path("metrics/train") / method / f"{dataset}.json", metrics)
     return metrics
 
@@ -166,7 +169,8 @@ def evaluate(p, method: str, dataset: str) -> dict:
                "accuracy_mean": statistics.mean(accs),
                "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                "accuracy": r["accuracy"], "zero_shot_accuracy": r["zero_shot_accuracy"],
-               "per_class": per_class, "n_test": r["n_test"], **_common(p, device, r["is_pretrained"])}
+               "per_class": per_class, "n_test": r["n_test"],
+               **_common(p, device, read_json(_base_of(method) / "base.json"))}
     write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
     write_json(Path("plots/confusion") / method / f"{dataset}.json", r["confusion"])
     return metrics
@@ -192,6 +196,6 @@ def profile(p, method: str) -> dict:
         out["step_mode"] = r["step_mode"]
         out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
                                              "peak_reserved_bytes", "step_ms")}
-    out.update(_common(p, device, meta["is_pretrained"]))
+    out.update(_common(p, device, meta))
     write_json(Path("metrics/profile") / f"{method}.json", out)
     return out
