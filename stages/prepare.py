@@ -17,5 +17,5 @@ def prepare(dataset: str = typer.Option(..., help="dataset name from params.yaml
     p = config.load(params)
     config.require_member("dataset", dataset, p.datasets)
     d = p.data
-    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template)
+    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw)
     write_split(out or Path("data/splits") / f"{dataset}.json", split)

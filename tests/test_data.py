@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import logging
 import time
 from collections import Counter
@@ -22,8 +23,9 @@ LAYOUT_NAMES = list(LAYOUTS)
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
 
-def prepare(root: Path, dataset: str, shots: int = 4, seeds=(1, 2), template: str = "clip") -> dict:
-    return prepare_split(dataset, root, shots, list(seeds), download=False, template=template)
+def prepare(root: Path, dataset: str, shots: int = 4, seeds=(1, 2), template: str = "clip",
+            draw: str = "clip_lora") -> dict:
+    return prepare_split(dataset, root, shots, list(seeds), download=False, template=template, draw=draw)
 
 
 def test_registry_has_every_dataset():
@@ -80,13 +82,71 @@ def test_both_templates(tmp_path, dataset):
 
 
 @pytest.mark.parametrize("dataset", LAYOUT_NAMES)
-def test_split_is_reproducible_and_independent_of_listing_order(tmp_path, dataset):
+def test_keyed_split_is_reproducible_and_independent_of_listing_order(tmp_path, dataset):
     plain = build(tmp_path / "a", dataset)
     shuffled = build(tmp_path / "b", dataset, shuffle=7)
     assert plain["train"] != shuffled["train"]  # the second tree really lists things in another order
-    first = prepare(tmp_path / "a", dataset)
-    assert prepare(tmp_path / "a", dataset) == first
-    assert prepare(tmp_path / "b", dataset) == first
+    first = prepare(tmp_path / "a", dataset, draw="keyed")
+    assert prepare(tmp_path / "a", dataset, draw="keyed") == first
+    assert prepare(tmp_path / "b", dataset, draw="keyed") == first
+    assert first["draw"].startswith("keyed")
+
+
+def reference_clip_lora_draw(train, val, shots, seed):
+    """CLIP-LoRA's procedure as protocol.md states it, on the module-level generator as its code uses it."""
+    def fewshot(items, k):
+        tracker = {}
+        for item in items:
+            tracker.setdefault(item[1], []).append(item)
+        out = []
+        for items_of_label in tracker.values():
+            if len(items_of_label) >= k:
+                out.extend(random.sample(items_of_label, k))
+            else:
+                out.extend(random.choices(items_of_label, k=k))
+        return out
+
+    state = random.getstate()
+    random.seed(seed)
+    fewshot(val, min(shots, 4))
+    drawn = fewshot(train, shots)
+    random.setstate(state)
+    return [[path, label] for path, label in drawn]
+
+
+@pytest.mark.parametrize("dataset", ["dtd", "fgvc_aircraft", "oxford_pets"])
+@pytest.mark.parametrize("shots", [1, 4, 6])
+def test_clip_lora_draw_is_theirs(tmp_path, dataset, shots):
+    rows = build(tmp_path, dataset, shuffle=3)  # file order not grouped by class: first appearance matters
+    split = prepare(tmp_path, dataset, shots=shots, seeds=[1, 2, 3])
+    as_read = {part: [(root_path(dataset, rel), label) for rel, label, _ in rows[part]] for part in rows}
+    for seed in (1, 2, 3):
+        assert split["train"][str(seed)] == reference_clip_lora_draw(as_read["train"], as_read["val"], shots, seed)
+    assert split["draw"].startswith("clip_lora") and "validation shots" in split["draw"]
+    counts = Counter(label for _, label, _ in rows["train"])
+    assert split["replacement"]["1"] == [CLASSNAMES[dataset][lab] for lab in sorted(counts) if counts[lab] < shots]
+
+
+def test_clip_lora_draw_consumes_the_generator_on_val_first(tmp_path):
+    rows = build(tmp_path, "dtd")
+    as_read = {part: [(root_path("dtd", rel), label) for rel, label, _ in rows[part]] for part in rows}
+    split = prepare(tmp_path, "dtd", shots=2, seeds=[1, 2, 3, 4])
+    without_val = [reference_clip_lora_draw(as_read["train"], [], 2, s) for s in (1, 2, 3, 4)]
+    assert [split["train"][str(s)] for s in (1, 2, 3, 4)] != without_val
+
+
+def test_clip_lora_draw_follows_the_split_files_order(tmp_path):
+    build(tmp_path / "a", "dtd")
+    build(tmp_path / "b", "dtd", shuffle=7)
+    a = [prepare(tmp_path / "a", "dtd", shots=2, seeds=[s])["train"][str(s)] for s in range(1, 5)]
+    assert a == [prepare(tmp_path / "a", "dtd", shots=2, seeds=[s])["train"][str(s)] for s in range(1, 5)]
+    assert a != [prepare(tmp_path / "b", "dtd", shots=2, seeds=[s])["train"][str(s)] for s in range(1, 5)]
+
+
+def test_a_partition_without_val_says_so_in_the_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "Food101", FakeFood101)
+    split = prepare_split("food101", tmp_path, 4, [1], download=True, template="clip")
+    assert "no 'val' list" in split["draw"] and "torchvision Food101" in split["source"]
 
 
 def test_no_replacement_when_every_class_has_k(tmp_path):
@@ -239,6 +299,7 @@ def test_split_file_naming_a_missing_image(tmp_path):
     assert str(tmp_path / "split.json") in str(e.value) and str(gone) in str(e.value)
     assert "does not exist" in str(e.value)
     # at preparation a missing test image is an error naming the dataset's split file and the image
+    write_image(gone, 0)
     (tmp_path / root_path("eurosat", rows["test"][0][0])).unlink()
     with pytest.raises(UserError, match=r"split_zhou_EuroSAT\.json: image .*does not exist"):
         prepare(tmp_path, "eurosat")
@@ -296,20 +357,29 @@ def test_fgvc_unknown_variant(tmp_path):
         prepare(tmp_path, "fgvc_aircraft")
 
 
-def test_unreadable_training_image_is_skipped_or_fatal(tmp_path, caplog):
+def test_unreadable_training_image_stops_the_exact_draw(tmp_path):
     build(tmp_path, "dtd")
-    first = prepare(tmp_path, "dtd", seeds=[1])
+    drawn = prepare(tmp_path, "dtd", seeds=[1])["train"]["1"]
+    truncate(tmp_path / drawn[2][0])
+    with pytest.raises(UserError, match=r"cannot decode image.*seed 1.*data.split_draw: keyed") as e:
+        prepare(tmp_path, "dtd", seeds=[1])
+    assert "\n" not in str(e.value) and drawn[2][0] in str(e.value)
+
+
+def test_unreadable_training_image_is_skipped_or_fatal_in_the_keyed_draw(tmp_path, caplog):
+    build(tmp_path, "dtd")
+    first = prepare(tmp_path, "dtd", seeds=[1], draw="keyed")
     drawn = [path for path, label in first["train"]["1"] if label == 0]
     truncate(tmp_path / drawn[0])
     with caplog.at_level(logging.WARNING):
-        split = prepare(tmp_path, "dtd", seeds=[1])
+        split = prepare(tmp_path, "dtd", seeds=[1], draw="keyed")
     assert drawn[0] in caplog.text
     again = [path for path, label in split["train"]["1"] if label == 0]
     assert drawn[0] not in again and len(set(again)) == 4  # the class still has 4 readable images
     assert set(drawn[1:]) <= set(again)
     (tmp_path / again[0]).write_bytes(b"not an image")
     with pytest.raises(UserError, match=r"dtd: class 'banded' has 3 readable training images, fewer than 4"):
-        prepare(tmp_path, "dtd", seeds=[1])
+        prepare(tmp_path, "dtd", seeds=[1], draw="keyed")
 
 
 # ---- download branch, with torchvision's dataset classes replaced by fakes that write its layout ----

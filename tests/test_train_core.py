@@ -175,3 +175,15 @@ def test_expanded_absmax_trains_identically(saved_bases, tiny_params):
         grads[expand] = _grads(run, images, labels)
     for n, g in grads[True].items():
         assert g.abs().sum() > 0 and torch.equal(g, grads[False][n]), n
+
+
+def test_the_seed_sets_the_adapter_initialisation(saved_bases, tiny_params):
+    def lora_a(seed):
+        run = build_run(saved_bases["bf16"], tiny_params, "lora", PROMPTS, "cpu", 10, seed=seed)
+        named = dict(run.model.named_parameters())
+        assert all(not v.any() for k, v in named.items() if "lora_B" in k)  # B starts at zero: no change at step 0
+        return torch.cat([v.flatten() for k, v in sorted(named.items()) if "lora_A" in k])
+
+    one = lora_a(1)
+    assert torch.equal(one, lora_a(1))
+    assert not torch.equal(one, lora_a(2))

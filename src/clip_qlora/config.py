@@ -23,6 +23,7 @@ TEMPLATES = ("clip", "coop")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
+SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py DRAWS; repeated here so params load imports no data code
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Data:
     seeds: list = field(default_factory=lambda: [1, 2, 3])
     download: bool = False
     template: str = "clip"
+    split_draw: str = "clip_lora"
 
 
 @dataclass
@@ -185,6 +187,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
         _int("data.seeds", s, lo=0)
     _bool("data.download", d.download)
     _choice("data.template", d.template, TEMPLATES)
+    _choice("data.split_draw", d.split_draw, SPLIT_DRAWS)
     m = p.model
     _choice("model.arch", m.arch, tuple(known_archs))
     if not isinstance(m.pretrained, str) or not m.pretrained:

@@ -98,18 +98,24 @@ class Run:
 
 
 def build_run(base_dir: str | Path, params, method: str, prompts: list[str], device: str, total_steps: int,
-              adapter_dir: str | Path | None = None) -> Run:
-    """Load the saved base, add (or load) adapters, and set up the optimizer for `total_steps` steps."""
+              adapter_dir: str | Path | None = None, seed: int = 0) -> Run:
+    """Load the saved base, add (or load) adapters, and set up the optimizer for `total_steps` steps.
+
+    `seed` initialises the new adapters (lora_A; lora_B starts at zero), as the seed does in CLIP-LoRA.
+    """
     model, meta = load_base(base_dir, device)
-    return run_on_model(model, meta, params, method, prompts, device, total_steps, adapter_dir)
+    return run_on_model(model, meta, params, method, prompts, device, total_steps, adapter_dir, seed)
 
 
 def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: list[str], device: str,
-                 total_steps: int, adapter_dir: str | Path | None = None) -> Run:
+                 total_steps: int, adapter_dir: str | Path | None = None, seed: int = 0) -> Run:
     """`build_run` on a base already in memory (tests and benchmarks that skip the save/load)."""
     set_cublas_workspace(params.train.cublas_workspace_kib)
     _, gc = METHODS[method]
     backends.get(meta["base"]).for_training(model, params.train.expand_absmax)
+    # Seeded here, after the base is built: building a base re-seeds with the fixed init seed (model.INIT_SEED),
+    # which would otherwise give every seed the same lora_A.
+    torch.manual_seed(seed)
     peft_model = (ad.load_adapters(model, adapter_dir, trainable=True) if adapter_dir
                   else ad.add_adapters(model, params.lora))
     ad.let_autocast_cast_inputs(peft_model)  # loss_on always runs under autocast (or in fp32)
@@ -367,8 +373,7 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
     """Train one seed's adapters and save them (PEFT format). Resumes from `ckpt_path` if present."""
     t = params.train
     steps = t.iterations_per_shot * params.data.shots
-    torch.manual_seed(seed)  # adapter init (lora_A) depends on the seed, as in CLIP-LoRA
-    run = build_run(base_dir, params, method, prompts, device, steps)
+    run = build_run(base_dir, params, method, prompts, device, steps, seed=seed)
     fingerprint = run_fingerprint(params, method, seed, run.meta, images_u8, labels)
     start = load_checkpoint(run, ckpt_path, fingerprint) if ckpt_path.exists() else 0
     images_u8, labels = images_u8.to(device), labels.to(device)

@@ -1,15 +1,25 @@
-"""k-shot sampling.
+"""k-shot sampling: CLIP-LoRA's exact draw (the default) or an order-independent keyed draw.
 
-The random order is a sort by SHA-256 of (seed, path). That is a pseudo-random permutation fixed by the seed
-and the path alone, so the draw cannot depend on file-listing order, dict order, or the version of Python,
-NumPy or torch (whose generators do not promise the same stream forever), and adding one image to a class
-does not reshuffle the others.
+`clip_lora` reproduces, per seed, the training shots CLIP-LoRA's code trains on, so per-seed results can be set
+beside its own: Python's `random` seeded with the seed, then the validation shots drawn (min(k, 4) per class;
+never used, but they consume the generator), then the training shots, each per label in order of first
+appearance in the split file's list, `sample` without replacement or `choices` with it for a class with fewer
+than k. It depends on the split file's order, as theirs does; Python keeps `random`'s seeding and these two
+functions stable across versions.
+
+`keyed` sorts by SHA-256 of (seed, path): a pseudo-random permutation fixed by the seed and the path alone, so
+the draw cannot depend on file-listing order, dict order, or library versions, and adding one image to a
+class does not reshuffle the others. It can also draw around unreadable files, which the exact draw cannot.
 """
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import defaultdict
 from typing import Callable, Iterable
+
+DRAWS = ("clip_lora", "keyed")
+VAL_SHOTS_MAX = 4  # CLIP-LoRA draws min(k, 4) validation shots per class before the training shots
 
 from ..io import UserError
 
@@ -56,3 +66,40 @@ def draw_shots(train: list[tuple[str, int]], classnames: list[str], shots: int, 
             replaced.append(name)
         drawn += [[path, label] for path in chosen]
     return drawn, replaced
+
+
+def _per_label(rng: random.Random, items: list[tuple[str, int]], k: int) -> list[tuple[str, int]]:
+    groups: dict[int, list[tuple[str, int]]] = {}  # insertion order: labels in order of first appearance
+    for item in items:
+        groups.setdefault(item[1], []).append(item)
+    out: list[tuple[str, int]] = []
+    for group in groups.values():
+        out += rng.sample(group, k) if len(group) >= k else rng.choices(group, k=k)
+    return out
+
+
+def draw_clip_lora(train: list[tuple[str, int]], val: list[tuple[str, int]], classnames: list[str], shots: int,
+                   seed: int) -> tuple[list[list], list[str]]:
+    """CLIP-LoRA's draw (module docstring); returns ([[path, label], ...] in its order, classes with replacement)."""
+    rng = random.Random(seed)  # the same stream as random.seed(seed) on the module-level generator
+    _per_label(rng, val, min(shots, VAL_SHOTS_MAX))  # consumed only, as theirs is
+    drawn = _per_label(rng, train, shots)
+    counts: dict[int, int] = defaultdict(int)
+    for _, label in train:
+        counts[label] += 1
+    missing = [name for label, name in enumerate(classnames) if not counts[label]]
+    if missing:
+        raise ValueError(missing[0])
+    replaced = [classnames[label] for label in sorted(counts) if counts[label] < shots]
+    return [[path, label] for path, label in drawn], replaced
+
+
+def describe(draw: str, shots: int, has_val: bool) -> str:
+    """One line for the split file saying how its training shots were drawn."""
+    if draw == "keyed":
+        return (f"keyed: per class the first {shots} readable images in SHA-256(seed, path) order "
+                f"(independent of file order; not CLIP-LoRA's draw)")
+    val = (f"then {min(shots, VAL_SHOTS_MAX)} validation shots per class from 'val' (unused)" if has_val else
+           "no 'val' list in this partition, so no validation shots were drawn (CLIP-LoRA's stream differs)")
+    return (f"clip_lora: Python random seeded with the seed, {val}, then {shots} training shots per class "
+            f"from 'train' in file order (random.sample; random.choices where a class has fewer)")

@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Partition:
     classnames: list[str]  # label order, underscores already turned into spaces
-    train: list[tuple[str, int]]  # (path relative to data.root, label)
+    train: list[tuple[str, int]]  # (path relative to data.root, label), in the split file's order
     test: list[tuple[str, int]]
     source: str  # how the partition was made, copied into the split file
+    val: list[tuple[str, int]] = ()  # read only for CLIP-LoRA's draw, which consumes its RNG on it
 
 
 def escapes(path: str) -> bool:
@@ -51,7 +52,8 @@ def read_coop(spec: DatasetSpec, root: Path) -> Partition:
         raise UserError(f"{path}: expected an object with 'train' and 'test' lists of [image_path, label, classname]")
     names: dict[int, str] = {}
     parts: dict[str, list[tuple[str, int]]] = {}
-    # val is read only so its class names take part in the label check; the protocol never trains or tests on it
+    # val is never trained or tested on; CLIP-LoRA's draw takes (unused) shots from it first, and its class names
+    # take part in the label check
     for part in ("train", "val", "test"):
         rows = []
         for entry in data.get(part) or []:
@@ -67,7 +69,7 @@ def read_coop(spec: DatasetSpec, root: Path) -> Partition:
         parts[part] = rows
     # A file made by our torchvision fetcher or the synthetic generator says so; CoOp's own files do not
     source = data.get("source") if isinstance(data.get("source"), str) else spec.split_file
-    return Partition(_label_order(names, path), parts["train"], parts["test"], source)
+    return Partition(_label_order(names, path), parts["train"], parts["test"], source, parts["val"])
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -83,7 +85,7 @@ def read_fgvc(spec: DatasetSpec, root: Path) -> Partition:
     classnames = [name for _, name in _lines(folder / "variants.txt")]
     index = {name: i for i, name in enumerate(classnames)}
     parts: dict[str, list[tuple[str, int]]] = {}
-    for part in ("train", "test"):
+    for part in ("train", "val", "test"):
         path = folder / f"images_variant_{part}.txt"
         rows = []
         for lineno, line in _lines(path):
@@ -94,4 +96,5 @@ def read_fgvc(spec: DatasetSpec, root: Path) -> Partition:
                 raise UserError(f"{path}:{lineno}: image id {image_id!r} leaves {spec.image_dir}/")
             rows.append((f"{spec.folder}/{spec.image_dir}/{image_id}.jpg", index[name]))
         parts[part] = rows
-    return Partition([clean_classname(n) for n in classnames], parts["train"], parts["test"], spec.split_file)
+    return Partition([clean_classname(n) for n in classnames], parts["train"], parts["test"], spec.split_file,
+                     parts["val"])

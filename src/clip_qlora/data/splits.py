@@ -10,14 +10,14 @@ import logging
 from pathlib import Path
 
 from ..io import UserError, atomic_dir, read_json, write_json
-from .draw import draw_shots
+from .draw import DRAWS, describe, draw_clip_lora, draw_shots
 from .images import open_rgb
 from .layouts import escapes
 from .registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
 
 log = logging.getLogger(__name__)
 
-KEYS = ("dataset", "classnames", "template", "source", "shots", "test", "train", "replacement")
+KEYS = ("dataset", "classnames", "template", "source", "draw", "shots", "test", "train", "replacement")
 
 
 def _ensure_folder(name: str, spec: DatasetSpec, root: Path, download: bool) -> None:
@@ -50,12 +50,30 @@ def _readable(root: Path):
     return check
 
 
-def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], download: bool, template: str) -> dict:
+def _exact_draw(part, shots: int, seed: int, root: Path, dataset: str) -> tuple[list[list], list[str]]:
+    try:
+        drawn, replaced = draw_clip_lora(part.train, list(part.val), part.classnames, shots, seed)
+    except ValueError as e:
+        raise UserError(f"{dataset}: class {e.args[0]!r} has no training images") from None
+    for path in sorted({p for p, _ in drawn}):
+        try:
+            open_rgb(root / path)
+        except UserError as e:
+            # the exact draw cannot step over a file without changing every later draw of the stream
+            raise UserError(f"{e} (drawn for seed {seed}; the exact clip_lora draw cannot skip it: replace the "
+                            f"file, or set data.split_draw: keyed to draw around unreadable images)") from None
+    return drawn, replaced
+
+
+def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], download: bool, template: str,
+                  draw: str = "clip_lora") -> dict:
     """Read (fetching or generating it first if allowed) `dataset` under `root` and draw `shots` per class per seed."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if template not in ("clip", "coop"):
         raise UserError(f"template must be 'clip' or 'coop', got {template!r}")
+    if draw not in DRAWS:
+        raise UserError(f"split_draw must be one of {', '.join(DRAWS)}, got {draw!r}")
     if type(shots) is not int or shots < 1:
         raise UserError(f"shots must be a positive integer, got {shots!r}")
     if not seeds or any(type(s) is not int for s in seeds) or len(set(seeds)) != len(seeds):
@@ -66,13 +84,17 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
     part = spec.partition(root)
     train, replacement = {}, {}
     for seed in seeds:
-        train[str(seed)], replacement[str(seed)] = draw_shots(part.train, part.classnames, shots, seed,
-                                                             _readable(root), dataset)
+        if draw == "clip_lora":
+            train[str(seed)], replacement[str(seed)] = _exact_draw(part, shots, seed, root, dataset)
+        else:
+            train[str(seed)], replacement[str(seed)] = draw_shots(part.train, part.classnames, shots, seed,
+                                                                 _readable(root), dataset)
     split = {
         "dataset": dataset,
         "classnames": part.classnames,
         "template": CLIP_TEMPLATE if template == "clip" else spec.coop_template,
         "source": part.source,
+        "draw": describe(draw, shots, bool(part.val)),
         "shots": shots,
         # sorted so the split does not depend on the order of the dataset's own files
         "test": [[path, label] for path, label in sorted(part.test, key=lambda e: (e[1], e[0]))],
@@ -110,6 +132,8 @@ def validate(split, root: Path, where: str) -> dict:
         raise UserError(f"{where}: 'classnames' must be a non-empty list of strings")
     if not (isinstance(split["template"], str) and "{}" in split["template"]):
         raise UserError(f"{where}: 'template' must be a string containing {{}}")
+    if not isinstance(split["draw"], str):
+        raise UserError(f"{where}: 'draw' must be a string saying how the shots were drawn")
     if not (_is_label(split["shots"]) and split["shots"] >= 1):
         raise UserError(f"{where}: 'shots' must be a positive integer")
     if not (isinstance(split["train"], dict) and split["train"]):
