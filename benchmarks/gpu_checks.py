@@ -25,6 +25,7 @@ from clip_qlora.base import make_base, save_base  # noqa: E402
 from clip_qlora.config import Params  # noqa: E402
 from clip_qlora.io import versions  # noqa: E402
 from clip_qlora.profile import isolated, synthetic_prompts  # noqa: E402
+from clip_qlora.data.images import TrainImages  # noqa: E402
 from clip_qlora.train import build_run, make_step, optimizer_step, train_seed  # noqa: E402
 
 NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
@@ -76,11 +77,12 @@ def checkpoint_equivalence(bf16_dir, nf4_dir, method, micro, accum, steps=4):
 def protocol_time(base_dir, method, n_classes=100, shots=4):
     p = Params()
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n_classes * shots, 3, 224, 224), dtype=torch.uint8, generator=g)
-    labels = torch.arange(n_classes).repeat_interleave(shots)
+    # 4:3 images at the stored resolution of a 500x375 photo (decode_short_side 2.0: kept whole)
+    pixels = torch.randint(0, 256, (n_classes * shots, 3, 375, 500), dtype=torch.uint8, generator=g)
+    images = TrainImages(pixels, [(375, 500)] * len(pixels), torch.arange(n_classes).repeat_interleave(shots))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = train_seed(p, method, base_dir, synthetic_prompts(n_classes), images, labels, 1, "cuda",
+        r = train_seed(p, method, base_dir, synthetic_prompts(n_classes), images, 1, "cuda",
                        Path(tmp) / "adapters", Path(tmp) / "ckpt.pt", description=f"protocol {method}")
         r["wall_seconds_including_load"] = time.perf_counter() - t0
     return r

@@ -12,8 +12,13 @@ import pytest
 import torch
 import torchvision.datasets
 
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
 from clip_qlora.data import (DATASETS, DatasetSpec, augment, class_prompts, eval_loader, load_split,
                              load_train_images, prepare_split, write_split)
+from clip_qlora.data.images import RATIO, SCALE, TrainImages, crop_params
 from clip_qlora.io import UserError
 
 from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, root_path, truncate,
@@ -166,27 +171,91 @@ def test_write_and_load_split_round_trip(tmp_path):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name != "split.json"]  # no temporary left over
 
 
-def test_load_train_images(tmp_path):
+def test_load_train_images_keeps_each_image_whole(tmp_path):
     build(tmp_path, "caltech101")
     split = prepare(tmp_path, "caltech101")
-    images, labels = load_train_images(split, 2, tmp_path, 32)
-    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
-    assert labels.dtype == torch.int64
-    assert labels.tolist() == [label for _, label in split["train"]["2"]]
-    # the class with 2 images was drawn with replacement: a repeated path decodes to the same pixels
+    images = load_train_images(split, 2, tmp_path, 448)
     paths = [path for path, _ in split["train"]["2"]]
+    assert images.pixels.dtype == torch.uint8 and len(images) == 12
+    assert images.labels.dtype == torch.int64
+    assert images.labels.tolist() == [label for _, label in split["train"]["2"]]
+    for k, path in enumerate(paths):  # below the cap: exactly the decoded file, padding left at zero
+        whole = v2.PILToTensor()(Image.open(tmp_path / path).convert("RGB"))
+        h, w = images.sizes[k]
+        assert (h, w) == tuple(whole.shape[1:])
+        assert torch.equal(images.pixels[k, :, :h, :w], whole)
+        assert not images.pixels[k, :, h:].any() and not images.pixels[k, :, :, w:].any()
+    # the class with 2 images was drawn with replacement: a repeated path decodes to the same pixels
     repeated = Counter(paths).most_common(1)[0][0]
     i, j = [k for k, path in enumerate(paths) if path == repeated][:2]
-    assert torch.equal(images[i], images[j])
+    assert torch.equal(images.pixels[i], images.pixels[j])
+    assert images.nbytes == images.pixels.numel()
     with pytest.raises(UserError, match="seed 9"):
-        load_train_images(split, 9, tmp_path, 32)
+        load_train_images(split, 9, tmp_path, 448)
+
+
+def test_large_images_are_brought_down_to_the_cap_whole(tmp_path):
+    Image.new("RGB", (600, 400), (200, 10, 10)).save(tmp_path / "wide.png")
+    Image.new("RGB", (300, 900), (10, 200, 10)).save(tmp_path / "tall.png")
+    split = {"dataset": "x", "train": {"1": [["wide.png", 0], ["tall.png", 1]]}}
+    images = load_train_images(split, 1, tmp_path, 200)
+    assert images.sizes == [(200, 300), (600, 200)]  # shorter side 200, aspect kept, nothing cropped
+    assert tuple(images.pixels.shape) == (2, 3, 600, 300)
+    assert load_train_images(split, 1, tmp_path, 0).sizes == [(400, 600), (900, 300)]  # 0: full resolution
+
+
+@pytest.mark.parametrize("height,width", [(224, 224), (375, 500), (500, 333), (64, 64), (20, 300), (300, 20)])
+def test_crop_boxes_are_torchvisions_draw_for_draw(height, width):
+    from torchvision.transforms import RandomResizedCrop
+
+    for seed in range(200):
+        torch.manual_seed(seed)
+        theirs = RandomResizedCrop.get_params(torch.empty(3, height, width), list(SCALE), list(RATIO))
+        assert crop_params(height, width, torch.Generator().manual_seed(seed)) == tuple(theirs)
+
+
+def test_every_pixel_of_the_whole_image_is_reachable():
+    height, width = 30, 40  # stored in a larger canvas: boxes must stay inside the image, and reach all of it
+    gen = torch.Generator().manual_seed(0)
+    covered = torch.zeros(height, width, dtype=torch.bool)
+    for _ in range(3000):
+        top, left, h, w = crop_params(height, width, gen)
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+        covered[top:top + h, left:left + w] = True
+    assert covered.all()
+
+
+def _smooth_image(width: int, height: int) -> Image.Image:
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    rgb = torch.stack([128 + 100 * torch.sin(6 * x + 3 * y), 128 + 90 * torch.cos(5 * y), 255 * x * y])
+    noise = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)) * 40
+    return v2.ToPILImage()((rgb + noise).clamp(0, 255).to(torch.uint8))
+
+
+def test_augment_equals_pil_random_resized_crop_of_the_file(tmp_path):
+    """The device path against what CLIP-LoRA runs: PIL crop + bicubic resize of the decoded file, then flip."""
+    image = _smooth_image(150, 112)
+    image.save(tmp_path / "a.png")
+    images = load_train_images({"dataset": "x", "train": {"1": [["a.png", 0]]}}, 1, tmp_path, 448)
+    worst = []
+    for seed in range(40):
+        ours = augment(images, [0], torch.Generator().manual_seed(seed), 64, (0, 0, 0), (1, 1, 1))[0] * 255
+        gen = torch.Generator().manual_seed(seed)
+        top, left, h, w = crop_params(112, 150, gen)
+        ref = TF.resized_crop(image, top, left, h, w, [64, 64], interpolation=InterpolationMode.BICUBIC)
+        if torch.rand(1, generator=gen).item() < 0.5:
+            ref = TF.horizontal_flip(ref)
+        diff = (ours - v2.PILToTensor()(ref).float()).abs()
+        worst.append((float(diff.mean()), float(diff.max())))
+    assert max(m for m, _ in worst) < 0.5 and max(x for _, x in worst) <= 3  # interpolation, not geometry
 
 
 def test_augment_is_deterministic_per_generator():
-    images = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (16, 3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = TrainImages(pixels, [(40, 50)] * 8 + [(30, 20)] * 8, torch.zeros(16, dtype=torch.long))
 
     def run(seed: int) -> torch.Tensor:
-        return augment(images, torch.Generator().manual_seed(seed), 24, MEAN, STD)
+        return augment(images, list(range(16)), torch.Generator().manual_seed(seed), 24, MEAN, STD)
 
     out = run(0)
     assert out.shape == (16, 3, 24, 24) and out.dtype == torch.float32
@@ -196,8 +265,8 @@ def test_augment_is_deterministic_per_generator():
 
 def test_augment_normalises():
     colour = torch.tensor([10, 128, 250], dtype=torch.uint8).view(1, 3, 1, 1)
-    images = colour.expand(8, 3, 32, 32).contiguous()
-    out = augment(images, torch.Generator().manual_seed(3), 32, MEAN, STD)
+    images = TrainImages(colour.expand(8, 3, 32, 32).contiguous(), [(32, 32)] * 8, torch.zeros(8, dtype=torch.long))
+    out = augment(images, list(range(8)), torch.Generator().manual_seed(3), 32, MEAN, STD)
     expected = (colour.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(out, expected.expand_as(out), atol=1e-5)
 
@@ -206,13 +275,14 @@ def test_augment_crops_and_flips():
     # a left-to-right ramp: each output row is monotone, its direction tells the flip, its span the crop width
     size = 32
     ramp = torch.linspace(0, 255, size).round().to(torch.uint8)
-    images = ramp.view(1, 1, 1, size).expand(400, 3, size, size).contiguous()
-    out = augment(images, torch.Generator().manual_seed(0), size, (0, 0, 0), (1, 1, 1))[:, 0, size // 2] * 255
-    steps = out[:, 1:] - out[:, :-1]
-    rising, falling = (steps >= -1e-3).all(1), (steps <= 1e-3).all(1)
-    assert (rising | falling).all()
-    assert 150 < int((falling & ~rising).sum()) < 250  # flip with p = 0.5
-    span = (out[:, -1] - out[:, 0]).abs() / 255
+    pixels = ramp.view(1, 1, 1, size).expand(400, 3, size, size).contiguous()
+    images = TrainImages(pixels, [(size, size)] * 400, torch.zeros(400, dtype=torch.long))
+    out = augment(images, list(range(400)), torch.Generator().manual_seed(0), size, (0, 0, 0), (1, 1, 1))
+    row = out[:, 0, size // 2] * 255
+    first, last = row[:, 2], row[:, -3]  # away from the edges, where bicubic overshoot is clamped
+    falling = first > last
+    assert 150 < int(falling.sum()) < 250  # flip with p = 0.5
+    span = (row.amax(1) - row.amin(1)) / 255
     assert span.max() <= 1.0 + 1e-4
     assert span.min() > 0.2  # widest aspect and smallest area: sqrt(0.08 * 3/4) of the width
     assert span.std() > 0.1  # crops of many sizes
@@ -248,8 +318,8 @@ def test_shapes_is_generated_offline_and_deterministic(tmp_path):
     assert prepare(tmp_path / "b", "shapes", shots=16) == split
     path = split["test"][-1][0]
     assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
-    images, _ = load_train_images(split, 1, tmp_path / "a", 64)
-    assert images.float().std() > 20  # backgrounds are noisy, not flat
+    images = load_train_images(split, 1, tmp_path / "a", 128)
+    assert images.pixels.float().std() > 20  # backgrounds are noisy, not flat
 
 
 def test_a_ninth_dataset_is_one_registry_entry(tmp_path, monkeypatch):

@@ -114,10 +114,10 @@ def interrupt_at(monkeypatch, at_step: int) -> None:
     """Make training stop when it reaches `at_step` (0-based), as an interruption between steps would."""
     real = train_mod.make_micro_batches
 
-    def batches(run, images_u8, labels, seed, step, *rest):
+    def batches(run, images, seed, step, *rest):
         if step == at_step:
             raise Interrupted(step)
-        return real(run, images_u8, labels, seed, step, *rest)
+        return real(run, images, seed, step, *rest)
 
     monkeypatch.setattr(train_mod, "make_micro_batches", batches)
 

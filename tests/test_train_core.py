@@ -77,10 +77,40 @@ def test_frozen_text_tower_features_encoded_once(saved_bases, tiny_params):
 
 def test_batches_cover_each_image_once_per_epoch():
     n, batch = 10, 4
-    seen = torch.cat([batch_indices(n, batch, seed=3, step=s) for s in range(5)])  # 20 = two epochs
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    assert torch.equal(batch_indices(n, batch, 3, 2), batch_indices(n, batch, 3, 2))
-    assert not torch.equal(seen[:10], torch.cat([batch_indices(n, batch, 4, s) for s in range(5)])[:10])
+    seen = torch.cat([batch_indices(n, batch, seed=3, step=s, batching="full") for s in range(5)])  # two epochs
+    assert sorted(seen[:10].tolist()) == sorted(seen[10:].tolist()) == list(range(n))
+    assert torch.equal(batch_indices(n, batch, 3, 2, "full"), batch_indices(n, batch, 3, 2, "full"))
+    assert not torch.equal(seen[:10], torch.cat([batch_indices(n, batch, 4, s, "full") for s in range(5)])[:10])
+
+
+def test_epoch_batches_keep_the_short_last_batch_as_clip_lora_does():
+    """4-shot EuroSAT: 40 images, batches of 32 and 8, each one iteration; a new shuffle every epoch."""
+    n, batch = 40, 32
+    sizes = [len(batch_indices(n, batch, 1, s)) for s in range(6)]
+    assert sizes == [32, 8, 32, 8, 32, 8]
+    for epoch in range(3):
+        both = torch.cat([batch_indices(n, batch, 1, 2 * epoch), batch_indices(n, batch, 1, 2 * epoch + 1)])
+        assert sorted(both.tolist()) == list(range(n))
+    assert not torch.equal(batch_indices(n, batch, 1, 0), batch_indices(n, batch, 1, 2))
+    # 2000 iterations see 40,000 images, as protocol.md counts for CLIP-LoRA
+    assert sum(len(batch_indices(n, batch, 1, s)) for s in range(2000)) == 40_000
+    assert len(batch_indices(48, 32, 5, 1)) == 16 and len(batch_indices(64, 32, 5, 1)) == 32
+
+
+def test_short_batches_under_accumulation_equal_the_unsplit_batch(saved_bases, tiny_params):
+    """An epoch's short last batch split into unequal micro-batches still gives the batch's mean loss."""
+    tiny_params.lora.dropout = 0.0  # no masks: both paths see identical functions
+    images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 1, 2])
+    after, losses = [], []
+    for micro in (10, 4):  # 4 + 4 + 2
+        run = _run(saved_bases, tiny_params, "lora")
+        losses.append(float(optimizer_step(run, [(images[i:i + micro], labels[i:i + micro])
+                                                 for i in range(0, 10, micro)])))
+        after.append({n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad})
+    assert abs(losses[0] - losses[1]) <= 1e-5
+    for n in after[0]:
+        assert (after[0][n] - after[1][n]).abs().max() <= 1e-6, n
 
 
 def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_params):

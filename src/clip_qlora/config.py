@@ -23,6 +23,7 @@ TEMPLATES = ("clip", "coop")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
+BATCHINGS = ("epochs", "full")
 SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py DRAWS; repeated here so params load imports no data code
 
 
@@ -68,6 +69,8 @@ class Train:
     iterations_per_shot: int = 500
     batch_size: int = 32
     grad_accum: int = 1
+    batching: str = "epochs"
+    decode_short_side: float = 2.0
     lr: float = 2e-4
     weight_decay: float = 1e-2
     schedule: str = "cosine"
@@ -225,6 +228,11 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     if t.batch_size % t.grad_accum:
         raise _bad("train.grad_accum", t.grad_accum,
                    f"a divisor of train.batch_size ({t.batch_size}): micro-batch x accumulation must equal it")
+    _choice("train.batching", t.batching, BATCHINGS)
+    t.decode_short_side = _num("train.decode_short_side", t.decode_short_side, strict=False)
+    if 0 < t.decode_short_side < 1:
+        raise _bad("train.decode_short_side", t.decode_short_side,
+                   "0 (full resolution) or at least 1 (x the model's input size): below it every crop is upsampled")
     t.lr = _num("train.lr", t.lr)
     t.weight_decay = _num("train.weight_decay", t.weight_decay, strict=False)
     _choice("train.schedule", t.schedule, SCHEDULES)

@@ -113,13 +113,15 @@ def train(p, method: str, dataset: str) -> dict:
     from .model import register_configs
     register_configs()
     size = open_clip.get_model_config(meta["arch"])["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    max_short_side = round(p.train.decode_short_side * size)  # 0 keeps every image at full resolution
     prompts = class_prompts(split)
     per_seed = {}
     for seed in p.data.seeds:
-        images, labels = load_train_images(split, seed, root, size)
+        images = load_train_images(split, seed, root, max_short_side)
         live_dir = Path("dvclive/train") / method / dataset / f"seed{seed}"
         with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=False) as live:
-            r = train_seed(p, method, base, prompts, images, labels, seed, device,
+            r = train_seed(p, method, base, prompts, images, seed, device,
                            adapter_dir(method, dataset, seed), checkpoint_path(method, dataset, seed), live,
                            description=f"train {method} {dataset} seed {seed}")
         per_seed[str(seed)] = r
@@ -132,6 +134,8 @@ def train(p, method: str, dataset: str) -> dict:
                "peak_allocated_bytes": max(peaks) if peaks else None,
                "peak_reserved_bytes": max(reserved) if reserved else None,
                "saved_activation_bytes": first["saved_activation_bytes"],
+               # the decoded training images live on the device too, inside the peaks above
+               "train_images_bytes": max(r["train_images_bytes"] for r in per_seed.values()),
                "step_ms_median": statistics.median(r["step_ms_median"] for r in per_seed.values()),
                "per_seed": {s: {"train_seconds": r["train_seconds"], "final_loss": r["final_loss"],
                                 "peak_allocated_bytes": r["peak_allocated_bytes"],

@@ -178,6 +178,8 @@ def loss_on(run: Run, images: torch.Tensor, labels: torch.Tensor, text: torch.Te
 def _accumulate(run: Run, micro_batches) -> torch.Tensor:
     """Forward and backward of every micro-batch; gradients sum to the full batch's. Returns the loss.
 
+    Each micro-batch's mean loss is weighted by its share of the batch, so the sum is the batch's mean loss
+    also when the last micro-batch of an epoch's short batch is smaller than the others.
     With accumulation the class features are encoded once per step, not once per micro-batch: each
     micro-batch backpropagates into a detached copy, and the summed gradient then flows through the text
     tower in one backward. Same gradients as the full batch, a single text pass instead of `accum`.
@@ -187,13 +189,14 @@ def _accumulate(run: Run, micro_batches) -> torch.Tensor:
         loss = loss_on(run, *micro_batches[0])
         loss.backward()
         return loss.detach()
+    total_images = sum(len(labels) for _, labels in micro_batches)
     with run.autocast():
         text, join = run.class_features_aside()
     leaf = text.detach().requires_grad_(text.requires_grad)
     total = torch.zeros((), device=run.device)
     for i, (images, labels) in enumerate(micro_batches):
         # the first micro-batch's image tower runs beside the text tower and joins it before the logits
-        loss = loss_on(run, images, labels, leaf, join if i == 0 else (lambda: None)) / n
+        loss = loss_on(run, images, labels, leaf, join if i == 0 else (lambda: None)) * (len(labels) / total_images)
         loss.backward()
         total += loss.detach()
     if text.requires_grad:
@@ -202,7 +205,7 @@ def _accumulate(run: Run, micro_batches) -> torch.Tensor:
 
 
 def optimizer_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One eager optimizer step over equally sized micro-batches.
+    """One eager optimizer step over the micro-batches of one batch (the last may be smaller).
 
     Dropout masks follow from the seed last given to `torch.manual_seed` (the loops seed every step).
     """
@@ -225,7 +228,7 @@ class GraphedStep:
     eager mode (checkpointed blocks included, see blocks.py).
     """
 
-    def __init__(self, run: Run, example: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, run: Run, example: list[tuple[torch.Tensor, torch.Tensor]], pool=None):
         self.run = run
         self.inputs = [(x.clone(), y.clone()) for x, y in example]
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
@@ -248,7 +251,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         for gen in run.blocks.generators():
             self.graph.register_generator_state(gen)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.loss = self._body()
 
     def _body(self) -> torch.Tensor:
@@ -277,11 +280,32 @@ def _load_optimizer_in_place(optimizer, state: dict) -> None:
                 v.copy_(group_state[k])
 
 
+class GraphedSteps:
+    """One captured graph per batch shape: an epoch's short last batch gets a graph of its own.
+
+    The graphs share one memory pool: they never run at once, and what one keeps alive between replays (its
+    inputs and loss) is never handed to another, so a second shape costs its capture, not a second set of
+    activation buffers.
+    """
+
+    def __init__(self, run: Run):
+        self.run, self.graphs = run, {}
+
+    def __call__(self, micro_batches) -> torch.Tensor:
+        shape = tuple(len(y) for _, y in micro_batches)
+        if shape not in self.graphs:
+            first = next(iter(self.graphs.values()), None)
+            self.graphs[shape] = GraphedStep(self.run, micro_batches, None if first is None else first.graph.pool())
+        return self.graphs[shape](micro_batches)
+
+
 def make_step(run: Run, example, use_graph: bool):
-    """The step function train and profile call: a replayed CUDA graph on CUDA (all methods), else eager."""
+    """The step function train and profile call: replayed CUDA graphs on CUDA (all methods), else eager."""
     if use_graph and run.device.startswith("cuda"):
         try:
-            return GraphedStep(run, example), "cuda_graph"
+            steps = GraphedSteps(run)
+            steps.graphs[tuple(len(y) for _, y in example)] = GraphedStep(run, example)
+            return steps, "cuda_graph"
         except Exception as e:  # an op that cannot be captured: measure and train eagerly, say so
             log.warning("CUDA graph capture failed (%s: %s); running eager steps", type(e).__name__, e)
     return (lambda batches: optimizer_step(run, batches)), "eager"
@@ -295,31 +319,44 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
-def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of `step`'s batch: consecutive slices of per-epoch permutations (every image once per epoch)."""
+def batch_indices(n: int, batch: int, seed: int, step: int, batching: str = "epochs") -> torch.Tensor:
+    """Indices of `step`'s batch, every image once per epoch, each epoch a permutation of its own.
+
+    epochs (CLIP-LoRA's DataLoader, shuffle=True, drop_last=False): ceil(n / batch) batches per epoch, the last
+    one short (n mod batch images), each counted as one iteration. full: consecutive slices of the permutations
+    run across epoch ends, so every batch has `batch` images.
+    """
+    def perm(epoch: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(seed, -1 - epoch)))
+
+    if batching == "epochs":
+        per_epoch = -(-n // batch)
+        epoch, b = divmod(step, per_epoch)
+        return perm(epoch)[b * batch:(b + 1) * batch]
     pos = torch.arange(step * batch, (step + 1) * batch)
     epochs, offsets = pos // n, pos % n
     out = torch.empty(batch, dtype=torch.long)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(seed, -1 - e)))
         sel = epochs == e
-        out[sel] = perm[offsets[sel]]
+        out[sel] = perm(e)[offsets[sel]]
     return out
 
 
-def make_micro_batches(run: Run, images_u8, labels, seed: int, step: int, micro: int, accum: int):
+def make_micro_batches(run: Run, images, seed: int, step: int, micro: int, accum: int, batching: str = "epochs"):
+    """The step's batch, augmented, as micro-batches of `micro` images (a short batch gives fewer, or a
+    smaller last one). All of its randomness comes from (seed, step), drawn on the host."""
     from .data import augment
 
-    idx = batch_indices(len(images_u8), micro * accum, seed, step).to(images_u8.device)
-    gen = torch.Generator(device=images_u8.device).manual_seed(_step_seed(seed, step))
-    x = augment(images_u8[idx], gen, run.size, run.mean, run.std)
-    y = labels[idx]
-    return [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
+    idx = batch_indices(len(images), micro * accum, seed, step, batching)
+    gen = torch.Generator().manual_seed(_step_seed(seed, step))
+    x = augment(images, idx.tolist(), gen, run.size, run.mean, run.std)
+    y = images.labels[idx.to(images.labels.device)]
+    return [(x[i:i + micro], y[i:i + micro]) for i in range(0, len(idx), micro)]
 
 
 # ---- checkpoints (resume after pre-emption) ---------------------------------------------------------------
 
-def run_fingerprint(params, method: str, seed: int, meta: dict, images_u8, labels) -> str:
+def run_fingerprint(params, method: str, seed: int, meta: dict, images) -> str:
     """What a checkpoint must match to be resumed: method, seed, adapter and optimisation settings, the base
     and the exact training images. A checkpoint left by other params is discarded, never continued."""
     import dataclasses
@@ -329,8 +366,9 @@ def run_fingerprint(params, method: str, seed: int, meta: dict, images_u8, label
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in ("checkpoint_every", "cuda_graph")}
     h = hashlib.sha256(json.dumps([method, seed, params.data.shots, dataclasses.asdict(params.lora), train, meta],
                                   sort_keys=True, default=str).encode())
-    h.update(images_u8.cpu().contiguous().numpy().tobytes())
-    h.update(labels.cpu().contiguous().numpy().tobytes())
+    h.update(images.pixels.cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(images.sizes).encode())
+    h.update(images.labels.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -368,15 +406,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: int, device: str,
+def train_seed(params, method: str, base_dir, prompts, images, seed: int, device: str,
                adapter_out: Path, ckpt_path: Path, live=None, description: str = "train") -> dict:
     """Train one seed's adapters and save them (PEFT format). Resumes from `ckpt_path` if present."""
     t = params.train
     steps = t.iterations_per_shot * params.data.shots
     run = build_run(base_dir, params, method, prompts, device, steps, seed=seed)
-    fingerprint = run_fingerprint(params, method, seed, run.meta, images_u8, labels)
+    fingerprint = run_fingerprint(params, method, seed, run.meta, images)
     start = load_checkpoint(run, ckpt_path, fingerprint) if ckpt_path.exists() else 0
-    images_u8, labels = images_u8.to(device), labels.to(device)
+    images = images.to(device)
     peak = CudaPeak(device)
     acts = SavedActivations(run.model)
     window, window_ms, loss = 50, [], None
@@ -387,7 +425,7 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
     step_fn, mode = None, "eager"
     for step in bar(range(start, steps)):
         torch.manual_seed(_step_seed(seed, step))  # dropout masks of this step (also inside a CUDA graph)
-        batches = make_micro_batches(run, images_u8, labels, seed, step, t.micro_batch, t.grad_accum)
+        batches = make_micro_batches(run, images, seed, step, t.micro_batch, t.grad_accum, t.batching)
         if step == start:  # the first step eagerly, counting saved activations (hooks cannot be captured)
             with acts.track():
                 loss = optimizer_step(run, batches)
@@ -428,4 +466,5 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
             "final_loss": float(loss) if loss is not None else None,
             "saved_activation_bytes": acts.bytes, "step_mode": mode, "step_ms_median": statistics.median(window_ms) if window_ms else None,
             "trainable_params": sum(p.numel() for p in ad.trainable_parameters(run.model)),
+            "train_images_bytes": images.nbytes,
             "is_pretrained": run.meta["is_pretrained"], **peak.read()}
