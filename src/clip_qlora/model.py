@@ -253,6 +253,18 @@ def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.visual(images)
 
 
+def unit(features: torch.Tensor) -> torch.Tensor:
+    """Features in fp32 on the unit sphere: what training and evaluation both take their logits from."""
+    return F.normalize(features.float(), dim=-1)
+
+
+def cosine_logits(image_unit: torch.Tensor, text_unit: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale x cosine similarity, computed in fp32 whatever autocast is on (the matmul would otherwise run in
+    the compute dtype, and bf16 rounds the cosines of 100 close classes to a few significant digits)."""
+    with torch.autocast(image_unit.device.type, enabled=False):
+        return scale * image_unit @ text_unit.t()
+
+
 def preprocess_stats(model: nn.Module) -> tuple[int, tuple, tuple]:
     """Input size and normalisation of the vision tower."""
     size = model.visual.image_size

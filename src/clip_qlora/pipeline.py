@@ -148,7 +148,7 @@ def train(p, method: str, dataset: str) -> dict:
 # ---- evaluate ------------------------------------------------------------------------------------------------
 
 def evaluate(p, method: str, dataset: str) -> dict:
-    from .data import class_prompts, eval_loader, load_split
+    from .data import class_prompts, eval_loader, load_split, zero_shot_templates
     from .evaluate import evaluate_method
 
     device = resolve_device(p.model.device)
@@ -162,8 +162,13 @@ def evaluate(p, method: str, dataset: str) -> dict:
     def make_loader(size, mean, std):
         return eval_loader(split, root, size, mean, std, p.eval.batch_size, p.eval.workers)
 
+    # zero-shot with both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row
+    # used CoOp's per-dataset templates
+    zero_shot_prompts = {name: [template.format(c) for c in split["classnames"]]
+                         for name, template in zero_shot_templates(dataset).items()}
     r = evaluate_method(base_dir=_base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
-                        classnames=split["classnames"], make_loader=make_loader, device=device)
+                        zero_shot_prompts=zero_shot_prompts, classnames=split["classnames"],
+                        make_loader=make_loader, device=device)
     accs = list(r["accuracy"].values())
     per_class = {c: statistics.mean(v[c] for v in r["per_seed_per_class"].values()
                                     if v[c] is not None) if any(v[c] is not None for v in
@@ -172,7 +177,9 @@ def evaluate(p, method: str, dataset: str) -> dict:
     metrics = {"method": method, "dataset": dataset, "seeds": list(p.data.seeds),
                "accuracy_mean": statistics.mean(accs),
                "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-               "accuracy": r["accuracy"], "zero_shot_accuracy": r["zero_shot_accuracy"],
+               "accuracy": r["accuracy"],
+               # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: both sets
+               "zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
                "per_class": per_class, "n_test": r["n_test"],
                **_common(p, device, read_json(_base_of(method) / "base.json"))}
     write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)

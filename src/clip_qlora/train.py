@@ -26,7 +26,7 @@ from .base import load_base
 from .blocks import BlockDropout
 from .io import UserError, atomic_dir, atomic_path
 from .memory import CudaPeak, SavedActivations
-from .model import TextTokens, embed_prompts, encode_image, encode_text, preprocess_stats
+from .model import TextTokens, cosine_logits, embed_prompts, encode_image, encode_text, preprocess_stats, unit
 from .progress import Bar
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,10 @@ class Run:
 
     def class_features(self) -> torch.Tensor:
         if self.text_trainable:
-            return F.normalize(encode_text(self.clip, self.tokens, self.text_input), dim=-1)
+            return unit(encode_text(self.clip, self.tokens, self.text_input))
         if self._text_cache is None:  # frozen text tower: the features cannot change, encode them once
             with torch.no_grad():
-                self._text_cache = F.normalize(encode_text(self.clip, self.tokens, self.text_input), dim=-1)
+                self._text_cache = unit(encode_text(self.clip, self.tokens, self.text_input))
         return self._text_cache
 
     def class_features_aside(self):
@@ -165,14 +165,14 @@ def constant_lr(lr: float, min_lr: float, total: int, step: int) -> float:
 
 def loss_on(run: Run, images: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None,
             join=lambda: None) -> torch.Tensor:
-    """Cross-entropy of the fixed-scale cosine logits (CLIP-LoRA's objective)."""
+    """Cross-entropy of the fixed-scale cosine logits (CLIP-LoRA's objective), the logits from fp32 features
+    as in evaluation (`cosine_logits`)."""
     with run.autocast():
         if text is None:
             text, join = run.class_features_aside()
-        img = F.normalize(encode_image(run.clip, images), dim=-1)
+        img = unit(encode_image(run.clip, images))
         join()
-        logits = run.logit_scale * img @ text.t()
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(cosine_logits(img, text, run.logit_scale), labels)
 
 
 def _accumulate(run: Run, micro_batches) -> torch.Tensor:

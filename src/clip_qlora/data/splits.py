@@ -116,6 +116,11 @@ def class_prompts(split: dict) -> list[str]:
     return [split["template"].format(name) for name in split["classnames"]]
 
 
+def zero_shot_templates(dataset: str) -> dict[str, str]:
+    """The two prompt sets the zero-shot row is reported with, by data.template name."""
+    return {"clip": CLIP_TEMPLATE, "coop": DATASETS[dataset].coop_template}
+
+
 def _is_label(x) -> bool:
     return type(x) is int  # bool is an int subclass, and JSON 1.0 is not a label
 
