@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import backends
+from . import backends, protocol
 from .backends import METHODS
 from .base import make_base, resolve_device, resolve_dtype, save_base
 from .io import UserError, device_name, read_json, versions, write_json
@@ -136,6 +136,7 @@ def train(p, method: str, dataset: str) -> dict:
                "saved_activation_bytes": first["saved_activation_bytes"],
                # the decoded training images live on the device too, inside the peaks above
                "train_images_bytes": max(r["train_images_bytes"] for r in per_seed.values()),
+               "protocol": protocol.record(p, split, meta),
                "step_ms_median": statistics.median(r["step_ms_median"] for r in per_seed.values()),
                "per_seed": {s: {"train_seconds": r["train_seconds"], "final_loss": r["final_loss"],
                                 "peak_allocated_bytes": r["peak_allocated_bytes"],

@@ -1,0 +1,38 @@
+"""The report's protocol section: what ran and each deviation from CLIP-LoRA, computed from the run's record."""
+from __future__ import annotations
+
+from clip_qlora import protocol as P
+from clip_qlora.config import Params
+
+SPLIT = {"draw": "clip_lora: Python random seeded with the seed, ..."}
+META = {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bfloat16"}
+
+
+def test_the_shipped_recipe_is_clip_loras():
+    rec = P.record(Params(), SPLIT, META)
+    devs = P.deviations(rec)
+    assert devs[-len(P.ALWAYS):] == P.ALWAYS
+    assert [d for d in devs if d not in P.ALWAYS] == [d for d in devs if d.startswith("Training images")]
+    assert rec["split_draw_detail"] == SPLIT["draw"]
+
+
+def test_each_departure_from_the_recipe_is_listed():
+    p = Params()
+    p.data.split_draw, p.train.batching, p.lora.r, p.train.decode_short_side = "keyed", "full", 8, 0
+    devs = P.deviations(P.record(p, SPLIT, {**META, "activation": "gelu"}))
+    extra = [d for d in devs if d not in P.ALWAYS]
+    assert any(d.startswith("Few-shot draw: 'keyed'") for d in extra)
+    assert any(d.startswith("Batching: 'full'") for d in extra)
+    assert any(d.startswith("LoRA rank: 8 where CLIP-LoRA uses 2") for d in extra)
+    assert any("QuickGELU" in d for d in extra)
+    assert not any(d.startswith("Training images") for d in extra)  # full resolution: no such deviation
+    assert len(extra) == 4
+
+
+def test_markdown_groups_identical_records():
+    rec = P.record(Params(), SPLIT, META)
+    text = "\n".join(P.markdown({"lora/eurosat": rec, "qlora/eurosat": rec}))
+    assert text.count("What ran:") == 1 and "Runs " not in text
+    other = {**rec, "batching": "full"}
+    text = "\n".join(P.markdown({"lora/eurosat": rec, "qlora/eurosat": other}))
+    assert text.count("What ran:") == 2 and "Runs qlora/eurosat:" in text
