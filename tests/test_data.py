@@ -288,6 +288,29 @@ def test_augment_crops_and_flips():
     assert span.std() > 0.1  # crops of many sizes
 
 
+def test_tensor_decode_path_gives_the_pil_paths_inputs(tmp_path):
+    """The path a GPU evaluation takes (decode, resize and crop where the model runs), here on the CPU, against
+    the PIL path of CPU workers: the same images within resize tolerance, in the same order."""
+    from clip_qlora.data.images import tensor_batches
+
+    rows = []
+    for k, (w, h) in enumerate([(150, 112), (90, 160), (64, 64), (300, 200), (41, 77)]):
+        _smooth_image(w, h).save(tmp_path / f"{k}.jpg", quality=92)
+        rows.append([f"{k}.jpg", k % 2])
+    _smooth_image(120, 100).save(tmp_path / "5.png")  # not a JPEG: the fallback decoder
+    rows.append(["5.png", 1])
+    split = {"test": rows}
+    pil = list(eval_loader(split, tmp_path, 48, (0, 0, 0), (1, 1, 1), batch_size=4, workers=0))
+    ours = list(tensor_batches(split, tmp_path, 48, (0, 0, 0), (1, 1, 1), batch_size=4, device="cpu"))
+    assert [len(y) for _, y in ours] == [len(y) for _, y in pil] == [4, 2]
+    a = torch.cat([x for x, _ in pil]) * 255
+    b = torch.cat([x for x, _ in ours]) * 255
+    assert torch.equal(torch.cat([y for _, y in pil]), torch.cat([y for _, y in ours]))
+    diff = (a - b).abs()
+    assert diff.mean() < 1.0 and diff.amax() <= 12, (diff.mean(), diff.amax())  # decoder IDCT + resize rounding
+    assert torch.equal(a[-1], b[-1]) or diff[-1].amax() <= 3  # the PNG: same decoder, resize rounding only
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_eval_loader_yields_whole_test_split(tmp_path, workers):
     build(tmp_path, "food101")

@@ -27,19 +27,22 @@ def _trained_adapters(base_dir, params, method, out, seed):
 def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_params):
     model, meta = make_base("clip-tiny", "none", "bf16", None, torch.bfloat16, "cpu")
     save_base(model, meta, tmp_path / "bf16")
-    _trained_adapters(tmp_path / "bf16", tiny_params, "lora", tmp_path / "adapters", seed=1)
+    for seed in (1, 2):
+        _trained_adapters(tmp_path / "bf16", tiny_params, "lora", tmp_path / f"seed{seed}", seed=seed)
     images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
-    # the evaluation path
+    # the evaluation path: both seeds' adapters on one base, seed 2 switched on
     base, _ = load_base(tmp_path / "bf16", "cpu")
-    clip = ad.inner(E.with_adapters(base, tmp_path / "adapters"))
+    peft_model = E.with_adapters(base, {"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
+    peft_model.set_adapter("2")
+    clip = ad.inner(peft_model)
     tokens = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
     text = E.class_features(clip, tokens, "cpu", torch.bfloat16)
     ours = E.logits(clip, text, images, "cpu", torch.bfloat16)
     assert ours.dtype == torch.float32
 
     # the training path's forward (same adapters, loaded for training), dropout off
-    run = build_run(tmp_path / "bf16", tiny_params, "lora", PROMPTS, "cpu", 10, adapter_dir=tmp_path / "adapters")
+    run = build_run(tmp_path / "bf16", tiny_params, "lora", PROMPTS, "cpu", 10, adapter_dir=tmp_path / "seed2")
     run.model.eval()
     with torch.no_grad(), run.autocast():
         img = unit(encode_image(run.clip, images))
@@ -47,7 +50,7 @@ def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_param
     assert torch.equal(ours, trained)
 
     # what the old evaluation did: the update merged into bf16 weights is another function
-    merged = E.with_adapters(load_base(tmp_path / "bf16", "cpu")[0], tmp_path / "adapters").merge_and_unload()
+    merged = E.with_adapters(load_base(tmp_path / "bf16", "cpu")[0], {"2": tmp_path / "seed2"}).merge_and_unload()
     merged_logits = E.logits(merged, E.class_features(merged, tokens, "cpu", torch.bfloat16), images, "cpu",
                              torch.bfloat16)
     assert not torch.equal(merged_logits, ours)
@@ -61,8 +64,9 @@ def test_logits_are_fp32_under_bf16_autocast():
     assert out.dtype == torch.float32 and torch.equal(out, 100.0 * a @ b.t())
 
 
-def test_each_seed_is_evaluated_on_the_untouched_base(tmp_path, tiny_params):
-    """The base is loaded once per stage; a seed's accuracy must not depend on the seeds evaluated before it."""
+def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, tiny_params):
+    """One pass, the base loaded once: a seed's result must not depend on the other seeds evaluated beside it,
+    and the zero-shot pass must see the base without adapters."""
     model, meta = make_base("clip-tiny", "none", "nf4", NF4, torch.float32, "cpu")
     save_base(model, meta, tmp_path / "nf4")
     for seed in (1, 2):
@@ -80,5 +84,30 @@ def test_each_seed_is_evaluated_on_the_untouched_base(tmp_path, tiny_params):
     alone = run({"2": tmp_path / "seed2"})
     assert both["accuracy"]["2"] == alone["accuracy"]["2"]
     assert both["per_seed_per_class"]["2"] == alone["per_seed_per_class"]["2"]
+
+    # the switching itself, on logits (a random tiny model's argmax is too coarse to show it)
+    x = batches[0][0]
+    tokens = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
+
+    def seed_logits(clip):
+        return E.logits(clip, E.class_features(clip, tokens, "cpu", torch.float32), x, "cpu", torch.float32)
+
+    two = E.with_adapters(load_base(tmp_path / "nf4", "cpu")[0], {"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
+    for seed in ("1", "2"):
+        single = E.with_adapters(load_base(tmp_path / "nf4", "cpu")[0], {seed: tmp_path / f"seed{seed}"})
+        two.set_adapter(seed)
+        assert torch.equal(seed_logits(ad.inner(two)), seed_logits(ad.inner(single)))
+    with two.disable_adapter():
+        assert torch.equal(seed_logits(ad.inner(two)), seed_logits(load_base(tmp_path / "nf4", "cpu")[0]))
+    two.set_adapter("1")
+    one = seed_logits(ad.inner(two))
+    two.set_adapter("2")
+    assert not torch.equal(one, seed_logits(ad.inner(two)))
+
+    base, _ = load_base(tmp_path / "nf4", "cpu")
+    text = E.class_features(base, TextTokens.from_prompts(zero_shot["coop"], "clip-tiny").tokens, "cpu", torch.float32)
+    plain = torch.cat([E.logits(base, text, x, "cpu", torch.float32).argmax(-1) for x, _ in batches])
+    gold = torch.cat([y for _, y in batches])
+    assert both["zero_shot"]["coop"] == E.accuracy(plain, gold)
     assert set(both["zero_shot"]) == {"clip", "coop"} and both["n_test"] == 24
     assert all(0 <= v <= 100 for v in both["zero_shot"].values())

@@ -97,3 +97,12 @@ def test_expanded_absmax_gives_the_same_forward_and_backward_for_exact_bytes(sav
         assert torch.equal(a, b)
     nf4.for_training(nested, expand_absmax=False)  # false leaves the double-quantized state alone
     assert all(lin.weight.quant_state.nested for *_, lin in block_linears(nested))
+
+
+def test_loading_a_saved_base_says_nothing_about_random_weights(saved_bases, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    for base in ("bf16", "nf4"):
+        load_base(saved_bases[base], "cpu")
+    assert "random" not in caplog.text.lower()

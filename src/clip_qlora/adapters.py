@@ -72,6 +72,17 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path, trainable: bool = F
     return peft_model
 
 
+def load_adapter_set(model: nn.Module, adapter_dirs: dict[str, str | Path]) -> PeftModel:
+    """Several saved adapters on one base under their own names (PEFT switches them with set_adapter)."""
+    names = iter(adapter_dirs.items())
+    name, first = next(names)
+    peft_model = PeftModel.from_pretrained(model, str(first), adapter_name=name)
+    for name, path in names:
+        peft_model.load_adapter(str(path), adapter_name=name)
+    _fp32_adapters(peft_model)
+    return peft_model
+
+
 def inner(model: nn.Module) -> nn.Module:
     """The CLIP module inside a PeftModel (our encoders take the CLIP module, adapters injected in place)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model

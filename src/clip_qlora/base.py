@@ -53,29 +53,54 @@ def save_base(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
         (tmp / "base.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_base(base_dir: str | Path, device: str) -> tuple[nn.Module, dict]:
-    """Rebuild a saved base on `device`: architecture skeleton, backend shells, then the saved tensors."""
+def read_base(base_dir: str | Path) -> tuple[dict, dict]:
+    """(meta, saved tensors) of a saved base, read from disk once (a stage reuses them for every seed)."""
     base_dir = Path(base_dir)
     meta_path = base_dir / "base.json"
     if not meta_path.exists():
         raise UserError(f"{meta_path}: missing; run the quantize stage first (dvc repro quantize)")
     meta = json.loads(meta_path.read_text())
-    dtype = getattr(torch, meta["compute_dtype"])
     if meta.get("activation") not in ("quick_gelu", "gelu"):
         raise UserError(f"{meta_path}: no 'activation' recorded (made by an older version); rerun the quantize stage")
-    model, _ = build_base(meta["arch"], "none", dtype, quick_gelu=meta["activation"] == "quick_gelu",
-                          announce=False)
-    backend = backends.get(meta["base"])
-    backend.prepare_for_load(model, meta["settings"], dtype)
-    state = load_file(str(base_dir / "model.safetensors"))
+    return meta, load_file(str(base_dir / "model.safetensors"))
+
+
+def _rebuild_unsaved_buffers(model: nn.Module, device) -> None:
+    # the one buffer open_clip does not save (persistent=False): the text tower's additive causal mask, built as
+    # open_clip's text transformer builds it (-inf above the diagonal, over the whole context)
+    if getattr(model, "attn_mask", None) is not None:
+        n = model.attn_mask.shape[0]
+        model.attn_mask = torch.full((n, n), float("-inf"), device=device).triu_(1)
+
+
+def load_base(base_dir: str | Path, device: str, saved: tuple[dict, dict] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a saved base on `device`: skeleton, backend shells, then the saved tensors.
+
+    The skeleton is built on the meta device (no random initialisation to throw away, which takes seconds on
+    the CPU for ViT-B/16 and minutes for the largest models) and materialised empty on `device`; every tensor
+    is then filled from the saved ones, and a buffer the state dict does not hold is rebuilt or refused.
+    `saved`: `read_base(base_dir)` done beforehand, so several runs of a stage read the file once.
+    """
+    base_dir = Path(base_dir)
+    meta, state = saved if saved is not None else read_base(base_dir)
+    dtype = getattr(torch, meta["compute_dtype"])
+    with torch.device("meta"):
+        model, _ = build_base(meta["arch"], "none", dtype, quick_gelu=meta["activation"] == "quick_gelu",
+                              device="meta")
+        backend = backends.get(meta["base"])
+        backend.prepare_for_load(model, meta["settings"], dtype)
+    model.to_empty(device=device)
     used = backend.load_quantized(model, state, device)
     rest = {k: v for k, v in state.items() if k not in used}
-    model.to(device)
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k not in used]
     if missing or unexpected:
         raise UserError(f"{base_dir}: saved base does not match {meta['arch']} "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); rerun the quantize stage")
+    _rebuild_unsaved_buffers(model, device)
+    unfilled = [n for n, _ in model.named_buffers() if n not in state and n != "attn_mask"]
+    if unfilled:  # to_empty left it uninitialised: a new open_clip buffer this function does not know
+        raise UserError(f"{base_dir}: buffers {unfilled[:3]} of {meta['arch']} are not saved in the base")
     model.requires_grad_(False)
     model.eval()
     return model, meta

@@ -7,6 +7,8 @@ taken from fp32 features (`model.cosine_logits`, as the training loss takes them
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from . import adapters as ad
@@ -34,17 +36,6 @@ def logits(clip, text_unit: torch.Tensor, images: torch.Tensor, device: str, com
     return cosine_logits(img, text_unit, LOGIT_SCALE)
 
 
-@torch.no_grad()
-def predict(clip, tokens: torch.Tensor, loader, device: str, compute_dtype, description: str):
-    """(predictions, labels) over the loader; class features encoded once."""
-    text = class_features(clip, tokens, device, compute_dtype)
-    preds, gold = [], []
-    for images, labels in Bar(len(loader), description)(loader):
-        preds.append(logits(clip, text, images.to(device, non_blocking=True), device, compute_dtype).argmax(-1).cpu())
-        gold.append(labels)
-    return torch.cat(preds), torch.cat(gold)
-
-
 def accuracy(preds: torch.Tensor, gold: torch.Tensor) -> float:
     return round(float((preds == gold).double().mean() * 100), 4)
 
@@ -54,37 +45,59 @@ def per_class(preds, gold, classnames) -> dict[str, float]:
             for i, name in enumerate(classnames)}
 
 
-def with_adapters(base, adapter_dir):
-    """The trained function on `base`: PEFT adapters unmerged, in eval mode (dropout off), their inputs left to
-    autocast as in training. `.unload()` of the result gives the untouched base back for the next seed."""
-    peft_model = ad.load_adapters(base, adapter_dir)
+def with_adapters(base, adapter_dirs: dict[str, str | Path]):
+    """The trained functions on `base`, one PEFT adapter per seed: unmerged, eval mode (dropout off), their
+    inputs left to autocast as in training. `set_adapter(seed)` picks one; `disable_adapter()` is the base."""
+    peft_model = ad.load_adapter_set(base, adapter_dirs)
     ad.let_autocast_cast_inputs(peft_model)
     peft_model.eval()
     return peft_model
 
 
 def evaluate_method(base_dir, adapter_dirs: dict[str, str], prompts, zero_shot_prompts: dict[str, list[str]],
-                    classnames, make_loader, device: str):
-    """Zero-shot accuracy of the base with each template set, then accuracy of each seed's adapters."""
-    model, meta = load_base(base_dir, device)  # once: each seed's adapters go on and come off again
+                    classnames, make_batches, device: str):
+    """Zero-shot accuracy of the base with each prompt set, and accuracy of each seed's adapters.
+
+    One pass over the test split: each batch is decoded once and goes through the base (zero-shot) and every
+    seed's adapters, switched in place; the base is loaded once.
+    """
+    model, meta = load_base(base_dir, device)
     dtype = getattr(torch, meta["compute_dtype"])
-    tokens = TextTokens.from_prompts(prompts, meta["arch"]).tokens.to(device)
     size, mean, std = preprocess_stats(model)
-    loader = make_loader(size, mean, std)
-    out = {"zero_shot": {}, "is_pretrained": meta["is_pretrained"], "accuracy": {}, "per_seed_per_class": {},
-           "confusion": None}
-    for name, zs_prompts in zero_shot_prompts.items():
-        zs_tokens = TextTokens.from_prompts(zs_prompts, meta["arch"]).tokens.to(device)
-        zs_pred, gold = predict(model, zs_tokens, loader, device, dtype, f"zero-shot ({name} prompts)")
-        out["zero_shot"][name] = accuracy(zs_pred, gold)
-        out["n_test"] = int(len(gold))
-    for seed, adapter_dir in adapter_dirs.items():
-        peft_model = with_adapters(model, adapter_dir)
-        pred, gold = predict(ad.inner(peft_model), tokens, loader, device, dtype, f"eval seed {seed}")
-        model = peft_model.unload()
+
+    def tokens_of(p):
+        return TextTokens.from_prompts(p, meta["arch"]).tokens.to(device)
+
+    texts = {("zero_shot", name): class_features(model, tokens_of(p), device, dtype)
+             for name, p in zero_shot_prompts.items()}
+    peft_model = with_adapters(model, {str(seed): d for seed, d in adapter_dirs.items()})
+    clip = ad.inner(peft_model)
+    tokens = tokens_of(prompts)
+    for seed in adapter_dirs:
+        peft_model.set_adapter(str(seed))
+        texts[("seed", str(seed))] = class_features(clip, tokens, device, dtype)
+    preds: dict[tuple, list] = {key: [] for key in texts}
+    gold = []
+    batches = make_batches(size, mean, std)
+    for images, labels in Bar(len(batches), "evaluate (zero-shot and every seed)")(batches):
+        images = images.to(device, non_blocking=True)
+        for key, text in texts.items():
+            if key[0] == "zero_shot":
+                with peft_model.disable_adapter():
+                    preds[key].append(logits(clip, text, images, device, dtype).argmax(-1).cpu())
+            else:
+                peft_model.set_adapter(key[1])
+                preds[key].append(logits(clip, text, images, device, dtype).argmax(-1).cpu())
+        gold.append(labels.cpu())
+    gold = torch.cat(gold)
+    preds = {key: torch.cat(v) for key, v in preds.items()}
+    out = {"zero_shot": {name: accuracy(preds["zero_shot", name], gold) for name in zero_shot_prompts},
+           "n_test": int(len(gold)), "is_pretrained": meta["is_pretrained"], "accuracy": {},
+           "per_seed_per_class": {}, "confusion": None}
+    for seed in adapter_dirs:
+        pred = preds["seed", str(seed)]
         out["accuracy"][str(seed)] = accuracy(pred, gold)
         out["per_seed_per_class"][str(seed)] = per_class(pred, gold, classnames)
-        out["n_test"] = int(len(gold))
         if out["confusion"] is None:  # the first seed's confusion records, for DVC's confusion plot
             out["confusion"] = [{"actual": classnames[a], "predicted": classnames[p]}
                                 for a, p in zip(gold.tolist(), pred.tolist())]

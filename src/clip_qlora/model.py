@@ -5,6 +5,7 @@ how the frozen block Linears are stored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -134,6 +135,24 @@ def _activation_kwargs(quick_gelu: bool) -> dict:
     return {"force_quick_gelu": True} if quick_gelu else {"quick_gelu": False}
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger for every model
+    built without a tag; for a skeleton that saved weights fill, that line is wrong, so it is dropped here."""
+    root = logging.getLogger()
+    f = _DropRandomInitNotice()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
 def uses_quick_gelu(model: nn.Module) -> bool:
     """True when every block MLP of both towers runs QuickGELU (open_clip builds all of them alike)."""
     acts = [type(block.mlp.gelu).__name__ for tower in (model.visual, model)
@@ -141,11 +160,11 @@ def uses_quick_gelu(model: nn.Module) -> bool:
     return all(a == "QuickGELU" for a in acts)
 
 
-def create_clip(arch: str, pretrained: str, quick_gelu="auto", announce: bool = True) -> tuple[nn.Module, bool]:
+def create_clip(arch: str, pretrained: str, quick_gelu="auto", device: str = "cpu") -> tuple[nn.Module, bool]:
     """Build an fp32 open_clip CLIP. Returns (model, pretrained?) — random init is not a result.
 
     `quick_gelu`: auto, True or False (see `resolve_quick_gelu`); `uses_quick_gelu(model)` tells which ran.
-    `announce=False`: no "random weights" warning (a skeleton that saved weights are about to fill).
+    `device="meta"`: a skeleton with no values (for saved weights to fill; no "random weights" warning).
     """
     register_configs()
     if arch not in open_clip.list_models():
@@ -161,9 +180,11 @@ def create_clip(arch: str, pretrained: str, quick_gelu="auto", announce: bool = 
     act = _activation_kwargs(resolve_quick_gelu(arch, pretrained, quick_gelu))
     torch.manual_seed(INIT_SEED)
     if pretrained in ("none", "", None):
-        if announce:
+        if device != "meta":
             log.warning("model.pretrained is 'none': random weights. Memory and time are real, accuracy is not.")
-        return open_clip.create_model(arch, pretrained=None, **act), False
+            return open_clip.create_model(arch, pretrained=None, device=device, **act), False
+        with _quiet_random_init():  # a skeleton for saved weights: "initialized randomly" would mislead
+            return open_clip.create_model(arch, pretrained=None, device=device, **act), False
     if _is_local(pretrained):
         model = open_clip.create_model(arch, pretrained=None, **act)
         _load_checkpoint(model, path)
@@ -189,9 +210,9 @@ def prepare_precision(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
 
 
 def build_base(arch: str, pretrained: str, compute_dtype: torch.dtype, quick_gelu="auto",
-               announce: bool = True) -> tuple[nn.Module, bool]:
-    """open_clip CLIP with split attention in the common precision, frozen, on CPU."""
-    model, is_pretrained = create_clip(arch, pretrained, quick_gelu, announce)
+               device: str = "cpu") -> tuple[nn.Module, bool]:
+    """open_clip CLIP with split attention in the common precision, frozen, on CPU (or a meta skeleton)."""
+    model, is_pretrained = create_clip(arch, pretrained, quick_gelu, device)
     split_attention(model)
     prepare_precision(model, compute_dtype)
     model.requires_grad_(False)

@@ -13,7 +13,7 @@ import torch
 
 from . import backends, protocol
 from .backends import METHODS
-from .base import make_base, resolve_device, resolve_dtype, save_base
+from .base import make_base, read_base, resolve_device, resolve_dtype, save_base
 from .io import UserError, device_name, read_json, versions, write_json
 from .memory import allocated_bytes, frozen_weight_bytes
 
@@ -107,7 +107,8 @@ def train(p, method: str, dataset: str) -> dict:
                         f"{sorted(split['train'])}, params ask shots={p.data.shots} seeds {p.data.seeds}; "
                         f"rerun prepare (dvc repro prepare@{dataset})")
     base = _base_of(method)
-    meta = read_json(base / "base.json")
+    saved = read_base(base)  # once for every seed
+    meta = saved[0]
     import open_clip
 
     from .model import register_configs
@@ -123,7 +124,7 @@ def train(p, method: str, dataset: str) -> dict:
         with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=False) as live:
             r = train_seed(p, method, base, prompts, images, seed, device,
                            adapter_dir(method, dataset, seed), checkpoint_path(method, dataset, seed), live,
-                           description=f"train {method} {dataset} seed {seed}")
+                           description=f"train {method} {dataset} seed {seed}", saved=saved)
         per_seed[str(seed)] = r
     first = next(iter(per_seed.values()))
     peaks = [r["peak_allocated_bytes"] for r in per_seed.values() if r["peak_allocated_bytes"] is not None]
@@ -149,7 +150,7 @@ def train(p, method: str, dataset: str) -> dict:
 # ---- evaluate ------------------------------------------------------------------------------------------------
 
 def evaluate(p, method: str, dataset: str) -> dict:
-    from .data import class_prompts, eval_loader, load_split, zero_shot_templates
+    from .data import class_prompts, load_split, eval_batches, zero_shot_templates
     from .evaluate import evaluate_method
 
     device = resolve_device(p.model.device)
@@ -160,8 +161,8 @@ def evaluate(p, method: str, dataset: str) -> dict:
         if not (d / "adapter_config.json").exists():
             raise UserError(f"{d}: no adapters; run the train stage first (dvc repro train@{method}-{dataset})")
 
-    def make_loader(size, mean, std):
-        return eval_loader(split, root, size, mean, std, p.eval.batch_size, p.eval.workers)
+    def make_batches(size, mean, std):  # decoded on the GPU when evaluating on one
+        return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.eval.workers, device)
 
     # zero-shot with both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row
     # used CoOp's per-dataset templates
@@ -169,7 +170,7 @@ def evaluate(p, method: str, dataset: str) -> dict:
                          for name, template in zero_shot_templates(dataset).items()}
     r = evaluate_method(base_dir=_base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
                         zero_shot_prompts=zero_shot_prompts, classnames=split["classnames"],
-                        make_loader=make_loader, device=device)
+                        make_batches=make_batches, device=device)
     accs = list(r["accuracy"].values())
     per_class = {c: statistics.mean(v[c] for v in r["per_seed_per_class"].values()
                                     if v[c] is not None) if any(v[c] is not None for v in

@@ -98,12 +98,13 @@ class Run:
 
 
 def build_run(base_dir: str | Path, params, method: str, prompts: list[str], device: str, total_steps: int,
-              adapter_dir: str | Path | None = None, seed: int = 0) -> Run:
+              adapter_dir: str | Path | None = None, seed: int = 0, saved=None) -> Run:
     """Load the saved base, add (or load) adapters, and set up the optimizer for `total_steps` steps.
 
     `seed` initialises the new adapters (lora_A; lora_B starts at zero), as the seed does in CLIP-LoRA.
+    `saved`: the base's `read_base` result, when a stage trains several seeds from one read of the file.
     """
-    model, meta = load_base(base_dir, device)
+    model, meta = load_base(base_dir, device, saved)
     return run_on_model(model, meta, params, method, prompts, device, total_steps, adapter_dir, seed)
 
 
@@ -407,11 +408,11 @@ def _sync(device: str) -> None:
 
 
 def train_seed(params, method: str, base_dir, prompts, images, seed: int, device: str,
-               adapter_out: Path, ckpt_path: Path, live=None, description: str = "train") -> dict:
+               adapter_out: Path, ckpt_path: Path, live=None, description: str = "train", saved=None) -> dict:
     """Train one seed's adapters and save them (PEFT format). Resumes from `ckpt_path` if present."""
     t = params.train
     steps = t.iterations_per_shot * params.data.shots
-    run = build_run(base_dir, params, method, prompts, device, steps, seed=seed)
+    run = build_run(base_dir, params, method, prompts, device, steps, seed=seed, saved=saved)
     fingerprint = run_fingerprint(params, method, seed, run.meta, images)
     start = load_checkpoint(run, ckpt_path, fingerprint) if ckpt_path.exists() else 0
     images = images.to(device)

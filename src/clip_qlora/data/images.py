@@ -163,9 +163,84 @@ class _TestImages(Dataset):
 
 def eval_loader(split: dict, root: Path, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
                 workers: int) -> DataLoader:
-    """The whole test split in split order: (float32 (B, 3, size, size) normalised, int64 (B,))."""
+    """The whole test split in split order, decoded by PIL in CPU workers: (float32 (B, 3, size, size), int64 (B,))."""
     transform = v2.Compose([*_resize_crop(size), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(list(mean), list(std))])
     items = [(Path(root) / path, label) for path, label in split["test"]]
     return DataLoader(_TestImages(items, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=torch.cuda.is_available())
+
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def _decode_many(datas: list[torch.Tensor], paths: list[Path], device) -> list[torch.Tensor]:
+    """uint8 (3, h, w) images on `device`; JPEGs in one nvJPEG batch on CUDA (libjpeg on CPU), others by PIL."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpeg = [k for k, d in enumerate(datas) if bytes(d[:2].tolist()) == JPEG_MAGIC]
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    try:
+        for k, img in zip(jpeg, decode_jpeg([datas[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)):
+            out[k] = img
+    except RuntimeError:  # one undecodable (or exotic: CMYK, lossless) JPEG fails the batch: go one by one
+        for k in jpeg:
+            try:
+                out[k] = decode_jpeg(datas[k], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                pass
+    for k, img in enumerate(out):
+        if img is None:  # PNG and whatever nvJPEG refused: the CPU path's own decoder (and its one-line error)
+            out[k] = v2.PILToTensor()(open_rgb(paths[k])).to(device)
+    return out
+
+
+def tensor_batches(split: dict, root: Path, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                   device, readers: int = 8):
+    """The test split like `eval_loader`, decoded and resized where the model runs (nvJPEG on a GPU).
+
+    Files are read by a few threads one batch ahead; decoding, resizing (shorter side to `size`, bicubic,
+    antialiased, as the PIL path) and the centre crop then run on `device`, so a GPU is not fed by CPU decoders.
+    """
+    from torchvision.io import read_file
+
+    items = [(Path(root) / path, label) for path, label in split["test"]]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+    def read(chunk):
+        return [read_file(str(path)) for path, _ in chunk]
+
+    with ThreadPoolExecutor(max_workers=readers) as pool:
+        ahead = pool.submit(read, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            datas = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = pool.submit(read, chunks[i + 1])
+            images = _decode_many(datas, [path for path, _ in chunk], device)
+            x = torch.stack([TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC,
+                                                      antialias=True), [size, size]) for img in images])
+            labels = torch.tensor([label for _, label in chunk], dtype=torch.int64)
+            yield (x.float() / 255 - mean_t) / std_t, labels
+
+
+def eval_batches(split: dict, root: Path, size: int, mean, std, batch_size: int, workers: int, device: str):
+    """The test split's batches for `device`: decoded on the GPU when it is one, by CPU workers otherwise."""
+    if str(device).startswith("cuda"):
+        return Batches(lambda: tensor_batches(split, root, size, mean, std, batch_size, device),
+                         -(-len(split["test"]) // batch_size))
+    return eval_loader(split, root, size, mean, std, batch_size, workers)
+
+
+class Batches:
+    """A re-iterable generator with a length (what `predict`'s progress bar asks of a DataLoader)."""
+
+    def __init__(self, make, n: int):
+        self.make, self.n = make, n
+
+    def __iter__(self):
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.n
