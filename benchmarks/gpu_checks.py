@@ -31,7 +31,9 @@ from clip_qlora.train import build_run, make_step, optimizer_step, train_seed  #
 NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
 
 
-def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False):
+def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, short=0):
+    """`steps` steps of micro x accum images; with `short`, every other batch has `short` images (an epoch's
+    short last batch, as train.batching: epochs makes them), which the graph path captures separately."""
     p = Params()
     p.train.expand_absmax = p.train.overlap_text = not straight
     torch.manual_seed(0)
@@ -39,9 +41,10 @@ def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False):
     g = torch.Generator(device="cuda").manual_seed(0)
     losses, step_fn, mode = [], None, "eager"
     for s in range(steps):
-        x = torch.randn(micro * accum, 3, 224, 224, generator=g, device="cuda")
-        y = torch.randint(0, 100, (micro * accum,), generator=g, device="cuda")
-        batches = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
+        n = short if short and s % 2 else micro * accum
+        x = torch.randn(n, 3, 224, 224, generator=g, device="cuda")
+        y = torch.randint(0, 100, (n,), generator=g, device="cuda")
+        batches = [(x[i:i + micro], y[i:i + micro]) for i in range(0, n, micro)]
         torch.manual_seed(1000 + s)
         if s == 0 or not use_graph:
             loss = optimizer_step(run, batches)
@@ -54,9 +57,9 @@ def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False):
     return losses, params, mode
 
 
-def graph_equivalence(base_dir, method, micro, accum, steps=6):
-    le, pe, _ = run_steps(base_dir, method, False, steps, micro, accum, straight=True)
-    lg, pg, mode = run_steps(base_dir, method, True, steps, micro, accum)
+def graph_equivalence(base_dir, method, micro, accum, steps=6, short=0):
+    le, pe, _ = run_steps(base_dir, method, False, steps, micro, accum, straight=True, short=short)
+    lg, pg, mode = run_steps(base_dir, method, True, steps, micro, accum, short=short)
     diff = max((pe[n] - pg[n]).abs().max().item() for n in pe)
     scale = max(pe[n].abs().max().item() for n in pe)
     return {"mode": mode, "loss_eager": le, "loss_graph": lg,
@@ -92,7 +95,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--methods", nargs="+", default=["lora", "lora_gc", "qlora", "qlora_gc"])
-    ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"], help="micro x accumulation for the graph check")
+    ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"],
+                    help="micro x accumulation for the graph check; '32x1+8': every other batch has 8 images")
     ap.add_argument("--checks", nargs="+", default=["graph", "checkpoint", "protocol"],
                     choices=("graph", "checkpoint", "protocol"))
     ap.add_argument("--protocol-methods", nargs="+", default=["lora", "qlora", "qlora_gc"])
@@ -107,13 +111,14 @@ def main():
         def base_of(method):
             return Path(tmp) / ("bf16" if method.startswith("lora") else "nf4")
 
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         if "graph" in args.checks:
             for method in args.methods:
-                for micro, accum in shapes:
-                    key = f"{method}-{micro}x{accum}"
-                    out["graph"][key] = isolated(graph_equivalence, base_of(method), method, micro, accum,
-                                                 device="cuda")
+                for spec in args.shapes:
+                    shape, _, short = spec.partition("+")
+                    micro, accum = (int(v) for v in shape.split("x"))
+                    key = f"{method}-{spec}"
+                    out["graph"][key] = isolated(graph_equivalence, base_of(method), method, micro, accum, 6,
+                                                 int(short or 0), device="cuda")
                     print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
         if "checkpoint" in args.checks:
             for arm in ("lora", "qlora"):

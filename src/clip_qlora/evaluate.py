@@ -7,6 +7,7 @@ taken from fp32 features (`model.cosine_logits`, as the training loss takes them
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,7 @@ def evaluate_method(base_dir, adapter_dirs: dict[str, str], prompts, zero_shot_p
     preds: dict[tuple, list] = {key: [] for key in texts}
     gold = []
     batches = make_batches(size, mean, std)
+    t0 = time.perf_counter()
     for images, labels in Bar(len(batches), "evaluate (zero-shot and every seed)")(batches):
         images = images.to(device, non_blocking=True)
         for key, text in texts.items():
@@ -89,11 +91,14 @@ def evaluate_method(base_dir, adapter_dirs: dict[str, str], prompts, zero_shot_p
                 peft_model.set_adapter(key[1])
                 preds[key].append(logits(clip, text, images, device, dtype).argmax(-1).cpu())
         gold.append(labels.cpu())
-    gold = torch.cat(gold)
+    gold = torch.cat(gold)  # the host has every prediction: the device is done
+    seconds = time.perf_counter() - t0
     preds = {key: torch.cat(v) for key, v in preds.items()}
     out = {"zero_shot": {name: accuracy(preds["zero_shot", name], gold) for name in zero_shot_prompts},
            "n_test": int(len(gold)), "is_pretrained": meta["is_pretrained"], "accuracy": {},
-           "per_seed_per_class": {}, "confusion": None}
+           "per_seed_per_class": {}, "confusion": None,
+           # decode once, then one forward per pass (zero-shot prompt sets and seeds) on every batch
+           "eval_seconds": seconds, "passes": len(texts), "test_images_per_second": len(gold) / seconds}
     for seed in adapter_dirs:
         pred = preds["seed", str(seed)]
         out["accuracy"][str(seed)] = accuracy(pred, gold)

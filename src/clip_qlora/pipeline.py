@@ -183,6 +183,8 @@ def evaluate(p, method: str, dataset: str) -> dict:
                # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: both sets
                "zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
                "per_class": per_class, "n_test": r["n_test"],
+               "eval_seconds": r["eval_seconds"], "passes": r["passes"],
+               "test_images_per_second": r["test_images_per_second"],
                **_common(p, device, read_json(_base_of(method) / "base.json"))}
     write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
     write_json(Path("plots/confusion") / method / f"{dataset}.json", r["confusion"])
