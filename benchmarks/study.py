@@ -90,8 +90,10 @@ def project_dir(dest: Path, dataset: str, seeds: list[int], methods: list[str], 
     prepare_dir(REPO, dest, over_path)
 
 
-def timed_repro(dest: Path, targets: list[str], log) -> dict[str, float]:
-    """Run `dvc repro targets`, timestamping each 'Running stage' line: {stage: wall seconds}."""
+def timed_repro(dest: Path, targets: list[str], log, partial=lambda walls: None) -> dict[str, float]:
+    """Run `dvc repro targets`, timestamping each 'Running stage' line: {stage: wall seconds}.
+
+    `partial(walls)` is called as each stage ends, so a run cut off by its time limit keeps what it measured."""
     env = {**os.environ, "PYTHONPATH": f"{dest / 'src'}{os.pathsep}{dest}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(["dvc", "repro", *targets], cwd=dest, env=env, stdout=subprocess.PIPE,
@@ -105,6 +107,7 @@ def timed_repro(dest: Path, targets: list[str], log) -> dict[str, float]:
             now = time.perf_counter()
             if current:
                 walls[current] = now - started
+                partial(walls)
             current, started = m.group(1), now
     proc.wait()
     if current:
@@ -154,6 +157,23 @@ def project(r: dict, seeds: int = 3) -> dict:
             "seeds": seeds, "terms_seconds": terms, "total_minutes": total / 60}
 
 
+def collect(result: dict, dest: Path) -> None:
+    """What the train and evaluate stages wrote so far, into the result."""
+    x = result["dataset"]
+    for m in result["methods"]:
+        tr, ev = dest / "metrics/train" / m / f"{x}.json", dest / "metrics/eval" / m / f"{x}.json"
+        if tr.exists():
+            t = json.loads(tr.read_text())
+            result.setdefault("train", {})[m] = {k: t.get(k) for k in (
+                "train_seconds_mean", "step_ms_median", "steps", "peak_allocated_bytes", "train_images_bytes",
+                "per_seed")}
+            result["device"], result["versions"] = t["device"], t["versions"]
+        if ev.exists():
+            e = json.loads(ev.read_text())
+            result.setdefault("eval", {})[m] = {k: e.get(k) for k in (
+                "eval_seconds", "passes", "test_images_per_second", "n_test", "zero_shot")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -177,16 +197,14 @@ def main() -> None:
     (a.out / "study.json").write_text(json.dumps(result, indent=2))
     targets = [f"evaluate@{m}-{a.dataset}" for m in a.methods]
     with open(a.out / "study-repro.log", "w") as log:
-        result["stage_wall_seconds"] = timed_repro(dest, targets, log)
+        def partial(walls):
+            result["stage_wall_seconds"] = walls
+            collect(result, dest)
+            (a.out / "study.json").write_text(json.dumps(result, indent=2))
+
+        result["stage_wall_seconds"] = timed_repro(dest, targets, log, partial)
         (a.out / "study.json").write_text(json.dumps(result, indent=2))
-    for m in a.methods:
-        tr = json.loads((dest / "metrics/train" / m / f"{a.dataset}.json").read_text())
-        ev = json.loads((dest / "metrics/eval" / m / f"{a.dataset}.json").read_text())
-        result.setdefault("train", {})[m] = {k: tr[k] for k in ("train_seconds_mean", "step_ms_median", "steps",
-                                                                 "peak_allocated_bytes", "train_images_bytes")}
-        result.setdefault("eval", {})[m] = {k: ev[k] for k in ("eval_seconds", "passes", "test_images_per_second",
-                                                                "n_test")}
-        result["device"], result["versions"] = tr["device"], tr["versions"]
+    collect(result, dest)
     result["projection"] = project(result)
     (a.out / "study.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -351,7 +351,9 @@ def make_micro_batches(run: Run, images, seed: int, step: int, micro: int, accum
     idx = batch_indices(len(images), micro * accum, seed, step, batching)
     gen = torch.Generator().manual_seed(_step_seed(seed, step))
     x = augment(images, idx.tolist(), gen, run.size, run.mean, run.std)
-    y = images.labels[idx.to(images.labels.device)]
+    y = images.labels[idx]
+    if x.is_cuda:  # pinned and asynchronous: a plain copy would make the host wait for the queued steps
+        y = y.pin_memory().to(x.device, non_blocking=True)
     return [(x[i:i + micro], y[i:i + micro]) for i in range(0, len(idx), micro)]
 
 

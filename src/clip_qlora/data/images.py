@@ -17,6 +17,7 @@ train_images_bytes beside the training peaks.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -57,10 +58,10 @@ class TrainImages:
     """The k-shot images of one seed, decoded once: whole images in a zero-padded uint8 canvas."""
     pixels: torch.Tensor  # uint8 (N, 3, H, W); image k fills pixels[k, :, :h_k, :w_k]
     sizes: list[tuple[int, int]]  # (h_k, w_k) on the host: the crop boxes are drawn there, no device sync
-    labels: torch.Tensor  # int64 (N,)
+    labels: torch.Tensor  # int64 (N,), on the host: a batch's labels are gathered there and sent without a sync
 
     def to(self, device) -> "TrainImages":
-        return TrainImages(self.pixels.to(device), self.sizes, self.labels.to(device))
+        return TrainImages(self.pixels.to(device), self.sizes, self.labels)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -142,10 +143,15 @@ def augment(images: TrainImages, index: Sequence[int], gen: torch.Generator, siz
             crop = crop.flip(-1)
         out.append(crop)
     x = torch.stack(out).float()
-    device = x.device
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t, std_t = _stats_on(x.device, tuple(mean), tuple(std))
     return (x / 255 - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=8)
+def _stats_on(device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once: a tensor built from a list on a GPU is a blocking copy, which would stall the step loop
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 class _TestImages(Dataset):
