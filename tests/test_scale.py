@@ -296,6 +296,10 @@ def test_report_outputs(tmp_path):
     assert [r["arch"] for r in memory] == ["a", "b"] and memory[1]["qlora"] == 15.0
     assert memory[0]["frozen_bf16"] == 1.0 and memory[0]["frozen_nf4"] == 0.25
     assert json.loads((tmp_path / "plots/step_time/4x8.json").read_text())[1]["lora"] == 20.0
+    # every column dvc.yaml's plots name is there, null where not measured (DVC refuses a missing field)
+    recs = scale_report.load(tmp_path / "metrics", archs, ["lora"], ["4x8"])
+    rows = scale_report.plot_records(recs, ["lora"], "4x8")[0]
+    assert rows[0]["lora"] == 6.0 and rows[0]["qlora"] is None and rows[0]["frozen_nf4"] is None
     for name in ("memory", "step_time"):
         assert (tmp_path / "figs" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,7 @@
     reports/scale.md                    tables and sentences, every number computed from the metrics files
     plots/scale/memory/<batch>.json     per architecture: `params`, `arch`, per method `<method>` (the
                                         driver's GiB) and `<method>_allocated` (peak allocated GiB), per base
-                                        `frozen_<base>` (frozen GiB); absent where not measured
+                                        `frozen_<base>` (frozen GiB); null where not measured
     plots/scale/step_time/<batch>.json  per architecture: `params`, `arch`, step ms per method
     plots/scale_figures/{memory,step_time}.png
 
@@ -326,10 +326,20 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
 # ---- DVC plot data ------------------------------------------------------------------------------------------
 
 def plot_records(records: list[dict], methods: list[str], batch: str) -> tuple[list[dict], list[dict]]:
-    """(memory rows, step-time rows) of one batch configuration; a value not measured is left out."""
+    """(memory rows, step-time rows) of one batch configuration.
+
+    Every column dvc.yaml's plots name is present in every row, null where not measured (a method left out
+    of `methods`, an out-of-memory configuration, allocator figures off CUDA): DVC refuses a plot whose
+    field is missing, not one whose value is null.
+    """
+    from .backends import BACKENDS, METHODS  # the study's method table names the columns
+
     memory, steps = [], []
     for r in records:
-        mem, st = {"arch": r["arch"], "params": r["params"]}, {"arch": r["arch"], "params": r["params"]}
+        mem = {"arch": r["arch"], "params": r["params"],
+               **{k: None for m in METHODS for k in (m, f"{m}_allocated")},
+               **{f"frozen_{b}": None for b in BACKENDS}}
+        st = {"arch": r["arch"], "params": r["params"], **{m: None for m in METHODS}}
         for m in methods:
             c = r["configs"][m, batch]
             if not c.get("fits"):
