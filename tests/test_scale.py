@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +330,52 @@ def test_report_on_cpu_records(tiny_record, tmp_path):
     recs = scale_report.load(tmp_path / "m", ["clip-tiny"], list(rec["methods"]), rec["batches"])
     text = scale_report.render(recs, list(rec["methods"]), rec["batches"], [8.0])
     assert "Not measured on a GPU" in text and "The smallest GPU" not in text
+
+
+# ---- the GPU script, on CPU -----------------------------------------------------------------------------------
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_scale", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_script_measures_then_collects_what_the_pipeline_writes(tmp_path):
+    """measure (cut off by its budget, then the rest) and collect: metrics/scale/<arch>.json are the records
+    scale@<arch> writes, and the report, result files and README figures follow from them."""
+    from cli_helpers import write_params
+
+    bench = _bench()
+    params = write_params(tmp_path / "proj", demo_params({
+        "methods": ["lora", "qlora"], "scale.archs": list(TINY), "scale.batches": ["2x1"],
+        "scale.n_classes": 2, "scale.steps": 1}))
+    first, second = tmp_path / "call1", tmp_path / "call2"
+    with project(tmp_path / "proj"), single_thread():
+        # a budget of 0 s: the first configuration, then it stops; the architecture stays incomplete
+        assert bench.main(["measure", "--out", str(first), "--params", str(params), "--device", "cpu",
+                           "--budget-s", "0"]) == 1
+        run = json.loads((first / "scale.json").read_text())
+        assert run["complete"] is False and run["archs"]["clip-tiny"]["complete"] is False
+        assert list(run["archs"]["clip-tiny"]["record"]["methods"]) == ["lora"]
+        assert bench.main(["collect", str(first), "--params", str(params)]) == 2  # nothing complete yet
+        assert bench.main(["measure", "--out", str(second), "--params", str(params), "--device", "cpu",
+                           "--archs", ",".join(TINY)]) == 0
+        assert bench.main(["collect", str(first), str(second), "--params", str(params),
+                           "--results", str(tmp_path / "results"), "--docs", str(tmp_path / "docs")]) == 0
+        rec = json.loads(Path("metrics/scale/clip-tiny-wide.json").read_text())
+        assert rec == json.loads((second / "scale.json").read_text())["archs"]["clip-tiny-wide"]["record"]
+        assert Path("reports/scale.md").exists() and Path("plots/scale_figures/memory.png").exists()
+    (res,) = (tmp_path / "results").glob("*-scale.json")
+    assert res.name.startswith(run["date"] + "-cpu-")
+    out = json.loads(res.read_text())
+    assert set(out["archs"]) == set(TINY) and out["environment"]["torch"]
+    status = {t["target"]: (t["status"], t["value"]) for t in out["targets"]}
+    assert status["all 4 measurements on one H200"] == ("MISSED", 4)  # all four, but on a CPU
+    assert status["qlora_gc on ViT-bigG-14 at 4x8 within 4 GiB as the driver reports it"] == ("n/a", None)
+    assert "Targets (issue 15)" in res.with_suffix(".md").read_text()
+    assert (tmp_path / "docs" / "scale-memory.png").read_bytes()[:4] == b"\x89PNG"
