@@ -73,6 +73,7 @@ class FreshProcesses:
             conn.send((fn, args))
             reply = conn.recv()
         except (EOFError, ConnectionError):
+            proc.join()
             reply = ("error", RuntimeError(f"the measuring process died (exit code {proc.exitcode})"), "")
         finally:
             conn.close()
