@@ -144,7 +144,7 @@ def test_record_structure(tiny_record):
             assert c["static_bytes"] > 0 and c["saved_activation_bytes"] > 0 and c["trainable_params"] > 0
             # off CUDA the allocator and the driver say nothing
             for k in ("peak_allocated_bytes", "peak_reserved_bytes", "driver_bytes", "driver_eager_bytes",
-                      "memory_allocated_bytes"):
+                      "driver_context_bytes", "memory_allocated_bytes", "baseline_allocated_bytes"):
                 assert c[k] is None, (m, spec, k)
     json.dumps(rec)  # what the stage writes
 

@@ -14,7 +14,8 @@ metrics/scale/<arch>.json:
      adapter settings, "versions",
      "methods": {<method>: {"base": bf16 | nf4, "gradient_checkpointing": bool,
                             "b<micro>x<accum>": {"fits": true, <profile.measure_run's fields>,
-                                                 "base_build_seconds"}
+                                                 "base_build_seconds", "driver_context_bytes": the
+                                                 process before its first allocation}
                                               | {"fits": false, "gpu_gib": N}}}}
 Bytes are integers; allocator and driver fields are null off CUDA (the driver's also where NVML does not
 list the process).
@@ -34,6 +35,7 @@ from . import backends
 from .backends import METHODS
 from .base import resolve_device, resolve_dtype
 from .io import UserError, device_name, versions, write_json
+from .memory import DriverMemory
 from .processes import FreshProcesses
 from .profile import measure_run, parse_batch, synthetic_prompts
 from .random_base import make_random_base, parameter_count
@@ -80,6 +82,10 @@ def measure_config(params, arch: str, method: str, spec: str, device: str) -> tu
         return run_on_model(model, meta, params, method, prompts, device, total_steps)
 
     env = {"device": device_name(device), "gpu_gib": gpu_gib(device)}
+    context = None
+    if device.startswith("cuda"):  # the process before any allocation: CUDA context and loaded modules
+        torch.cuda.synchronize(device)  # makes the device current: its primary context exists from here
+        context = DriverMemory(device).read()
     oom = None
     try:
         r = measure_run(make_run, params, micro, accum, s.n_classes, s.warmup, s.steps, device)
@@ -90,7 +96,7 @@ def measure_config(params, arch: str, method: str, spec: str, device: str) -> tu
         _free(device)
         log.warning("scale %s %s %s: out of memory (%s)", arch, method, spec, oom)
         return {"fits": False, "gpu_gib": env["gpu_gib"]}, env
-    return {"fits": True, **r, **built}, env
+    return {"fits": True, **r, **built, "driver_context_bytes": context}, env
 
 
 def measure_arch(params, arch: str, device: str, on_result=None, keep_going: bool = False) -> dict:

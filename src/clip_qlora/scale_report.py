@@ -303,6 +303,12 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
         lines += [f"### {b}", ""]
         lines += _table(["architecture", "method", "driver GiB", "peak alloc GiB", "peak reserved GiB",
                          "frozen GiB", "saved act GiB", "step ms", "step mode"], rows)
+    contexts = [c["driver_context_bytes"] for r in records for c in r["configs"].values()
+                if c.get("fits") and c.get("driver_context_bytes")]
+    if contexts:
+        lines += [f"Before its first allocation a measuring process already holds {_gib(min(contexts))} to "
+                  f"{_gib(max(contexts))} GiB as the driver reports it (CUDA context and loaded modules): part "
+                  f"of every driver figure above, the same for every method.", ""]
     big = records[-1]
     builds = {}
     for (m, _), c in big["configs"].items():
