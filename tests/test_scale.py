@@ -336,7 +336,6 @@ def test_report_on_cpu_records(tiny_record, tmp_path):
 
 def _bench():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
     spec = importlib.util.spec_from_file_location("benchmarks_scale", path)

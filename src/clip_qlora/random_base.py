@@ -18,7 +18,6 @@ dtype) but have the same distributions; memory and time do not depend on them.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 
 import open_clip
@@ -28,8 +27,6 @@ import torch.nn as nn
 from . import backends
 from .io import UserError
 from .model import INIT_SEED, prepare_precision, register_configs, split_attention
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

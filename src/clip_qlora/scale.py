@@ -135,7 +135,8 @@ def _line(record: dict, method: str, spec: str, seconds: float) -> str:
     if "error" in r:
         return f"scale {record['arch']} {method} {spec}: ERROR {r['error']}"
     if not r["fits"]:
-        return f"scale {record['arch']} {method} {spec}: out of memory on {r['gpu_gib']} GiB ({seconds:.0f} s)"
+        on = "" if r["gpu_gib"] is None else f" on {r['gpu_gib']} GiB"
+        return f"scale {record['arch']} {method} {spec}: out of memory{on} ({seconds:.0f} s)"
     gib = (lambda b: "n/a" if b is None else f"{b / 2**30:.2f} GiB")
     return (f"scale {record['arch']} {method} {spec}: driver {gib(r['driver_bytes'])}, peak allocated "
             f"{gib(r['peak_allocated_bytes'])}, step {r['step_ms']:.1f} ms ({r['step_mode']}), "
