@@ -418,8 +418,12 @@ def test_blocksize_experiment_rebuilds_only_the_nf4_base(blocksize, good):
 
 
 def test_new_nf4_base_makes_only_the_qlora_side_stale(blocksize):
-    """Through the real new pointers and static metrics: qlora/qlora_gc train, evaluate, profile, and aggregate."""
-    assert set(blocksize["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4"}, blocksize["status_after"]
+    """Through the real new pointers and static metrics: qlora/qlora_gc train, evaluate, profile, aggregate, and
+    the scale study."""
+    # scale_report is stale only once scale@<arch> has rerun (its deps are that stage's outputs), so `dvc
+    # status` does not list it yet; `dvc repro` would run it
+    assert set(blocksize["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4", "scale_report"}, \
+        blocksize["status_after"]
     assert blocksize["dry_after"] == BLOCKSIZE_RERUN - {"quantize@nf4"}, blocksize["dry_after_text"]
 
 
