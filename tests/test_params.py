@@ -122,6 +122,19 @@ BAD = [
     ("profile.batches", ["32x1", "ax b"], ["profile.batches", "'ax b'", "'4x8'"]),
     ("profile.batches", "4x8", ["profile.batches", "'4x8'", "non-empty list"]),
     ("profile.batches", [], ["profile.batches", "[]", "non-empty list"]),
+    # the scale study
+    ("scale.archs", ["clip-tiny", "ViT-Q-99"], ["scale.archs", "'ViT-Q-99'", "clip-tiny-wide"]),
+    ("scale.archs", [], ["scale.archs", "[]", "non-empty list"]),
+    ("scale.archs", ["clip-tiny", "clip-tiny"], ["scale.archs", "distinct"]),
+    ("scale.batches", ["4x8", "4x8"], ["scale.batches", "distinct"]),
+    ("scale.batches", ["32x"], ["scale.batches", "'32x'", "'4x8'"]),
+    ("scale.n_classes", 1, ["scale.n_classes", "= 1", "integer >= 2"]),
+    ("scale.steps", 0, ["scale.steps", "= 0", "integer >= 1"]),
+    ("scale.warmup", 0, ["scale.warmup", "= 0", "integer >= 1"]),
+    ("scale.gpu_gib", [16, 8], ["scale.gpu_gib", "[16, 8]", "increasing list"]),
+    ("scale.gpu_gib", [8, 0], ["scale.gpu_gib", "[8, 0]", "GiB"]),
+    ("scale.gpu_gib", "24", ["scale.gpu_gib", "'24'", "list"]),
+    ("scale.arch", ["clip-tiny"], ["unknown key scale.arch", "archs"]),
 ]
 
 # Bad values that once slipped through the schema: each one crashed or misbehaved later, deep in a
@@ -413,6 +426,14 @@ def test_bad_split_through_the_train_stage(tmp_path, shapes_split):
         assert r.exit_code == 2
         assert "made for shots=2 and seeds ['1']" in r.stderr and "rerun prepare" in r.stderr
         assert not Path("adapters").exists() and not Path("metrics").exists()
+
+
+def test_lora_layers_past_a_scale_arch_are_named(tmp_path):
+    """model.arch (clip-tiny-wide, 3 blocks) has block 2, but clip-tiny of scale.archs has only 2 blocks."""
+    params = set_key(set_key(base_params(), "model.arch", "clip-tiny-wide"), "lora.layers", [0, 2])
+    with pytest.raises(UserError, match=r"^params: lora.layers = \[0, 2\]: expected block indices below 2 "
+                                        r"\(scale.archs has clip-tiny, "):
+        config.load(write_params(tmp_path, params))
 
 
 def test_group_left_empty_is_named(tmp_path):

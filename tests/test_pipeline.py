@@ -7,9 +7,9 @@ runs; each check is its own test.
 
 Cost: every stage is a fresh Python process spending ~10 s of CPU importing torch, open_clip, peft and
 bitsandbytes, so the budget is counted in stage processes, not training steps (those are made negligible:
-1 seed, 1 shot, 1 step, a tiny profile). The default run uses 18: 16 for the first `dvc repro`, 1 for
-`dvc exp run -S quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what it makes stale is read from
-`dvc status`), 1 for a stage run by hand. What a lora.r or quant.* change reruns is also checked as DVC plans
+1 seed, 1 shot, 1 step, a tiny profile, one scale architecture). The default run uses 20: 18 for the first
+`dvc repro`, 1 for `dvc exp run -S quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what it makes
+stale is read from `dvc status`), 1 for a stage run by hand. What a lora.r or quant.* change reruns is also checked as DVC plans
 it (`dvc status --json`, `dvc repro --dry --force-downstream`). PIPELINE_TEST_FULL=1 adds the real reruns
 (the rest of the quant.* rerun and `dvc exp run -S lora.r=8`: 20 more stage processes, ~4 more minutes).
 
@@ -42,6 +42,7 @@ QLORA_SIDE = ["qlora", "qlora_gc"]
 DATASET = "shapes"
 SEED = 1
 BATCHES = ["2x2", "4x1"]
+SCALE_ARCH = "clip-tiny"
 
 # On top of configs/demo.yaml: keep every code path (4 methods, both towers, accumulation in the profile),
 # make the work inside each stage negligible.
@@ -50,15 +51,20 @@ SPEED = {
     "train": {"iterations_per_shot": 1, "batch_size": 4, "checkpoint_every": 100},
     "eval": {"workers": 0, "batch_size": 256},
     "profile": {"warmup": 1, "steps": 1, "batches": BATCHES, "n_classes": 2},
+    # one of the demo's two tiny architectures: the stage's code path, one stage process
+    "scale": {"archs": [SCALE_ARCH], "batches": ["2x1"], "n_classes": 2, "warmup": 1, "steps": 1},
 }
 
 ALL_STAGES = {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4", "aggregate",
               *(f"train@{m}-{DATASET}" for m in METHODS), *(f"evaluate@{m}-{DATASET}" for m in METHODS),
-              *(f"profile@{m}" for m in METHODS)}
-# what a change of quant.* must rerun: the NF4 base and everything downstream of the qlora pointers
+              *(f"profile@{m}" for m in METHODS), f"scale@{SCALE_ARCH}", "scale_report"}
+# what a change of quant.* must rerun: the NF4 base and everything downstream of the qlora pointers, and
+# the scale study (it builds its NF4 bases itself, from quant.*)
+SCALE_SIDE = {f"scale@{SCALE_ARCH}", "scale_report"}
 BLOCKSIZE_RERUN = {"quantize@nf4", "aggregate", *(f"train@{m}-{DATASET}" for m in QLORA_SIDE),
-                   *(f"evaluate@{m}-{DATASET}" for m in QLORA_SIDE), *(f"profile@{m}" for m in QLORA_SIDE)}
-# what a change of lora.* must rerun: every method's train, evaluate, profile, and aggregate
+                   *(f"evaluate@{m}-{DATASET}" for m in QLORA_SIDE), *(f"profile@{m}" for m in QLORA_SIDE),
+                   *SCALE_SIDE}
+# what a change of lora.* must rerun: every method's train, evaluate, profile, aggregate, and the scale study
 LORA_RERUN = ALL_STAGES - {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4"}
 
 STAGE_OPTIONS = {
@@ -68,6 +74,8 @@ STAGE_OPTIONS = {
     "evaluate": ["--method", "--dataset"],
     "profile": ["--method"],
     "aggregate": [],
+    "scale": ["--arch"],
+    "scale_report": [],
 }
 # metrics fields whose value depends on timing (or on the run that wrote them), not on the inputs
 TIMING_KEYS = re.compile(r"(seconds|_ms|_ms_median|step_ms|resumed_from)$")
@@ -355,14 +363,30 @@ def test_report_and_plots(pipeline):
     assert read(root, f"plots/confusion_best/{DATASET}.json")
 
 
+def test_scale_outputs(pipeline):
+    root = pipeline["repo"].root
+    rec = read(root, f"metrics/scale/{SCALE_ARCH}.json")
+    assert rec["arch"] == SCALE_ARCH and rec["params"] > 0 and rec["batches"] == SPEED["scale"]["batches"]
+    assert list(rec["methods"]) == METHODS
+    for m in METHODS:
+        c = rec["methods"][m]["b2x1"]
+        assert c["fits"] is True and c["static_bytes"] > 0 and c["step_ms"] > 0
+    text = (root / "reports" / "scale.md").read_text()
+    assert "Random weights" in text and f"| {SCALE_ARCH} |" in text
+    assert read(root, "plots/scale/memory/2x1.json")[0]["arch"] == SCALE_ARCH
+    for name in ("memory", "step_time"):
+        assert (root / "plots" / "scale_figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plots_show(pipeline):
-    """Every plot declared in dvc.yaml renders from the files aggregate wrote."""
+    """Every plot declared in dvc.yaml renders from the files aggregate and scale_report wrote."""
     r = pipeline["repo"].dvc("plots", "show", "--json")
     shown = json.loads(r.stdout)
     assert not shown.get("errors"), shown.get("errors")
     names = set(shown["data"])
     for name in ("plots/accuracy.json", "plots/memory.json", "plots/step_time.json", f"plots/loss/{DATASET}.json",
-                 f"plots/confusion_best/{DATASET}.json", *(f"plots/confusion/{m}/{DATASET}.json" for m in METHODS)):
+                 f"plots/confusion_best/{DATASET}.json", *(f"plots/confusion/{m}/{DATASET}.json" for m in METHODS),
+                 "plots/scale/memory/2x1.json", "plots/scale/step_time/2x1.json"):
         assert name in names, (name, sorted(names))
 
 
@@ -379,7 +403,7 @@ def test_second_repro_is_a_no_op(good):
 # ---- quant.blocksize 64 -> 128: only the NF4 side ---------------------------------------------------------
 
 def test_blocksize_changes_only_quantize_nf4(blocksize):
-    assert set(blocksize["status"]) == {"quantize@nf4"}, blocksize["status"]
+    assert set(blocksize["status"]) == {"quantize@nf4", f"scale@{SCALE_ARCH}"}, blocksize["status"]
     assert blocksize["dry"] == BLOCKSIZE_RERUN, blocksize["dry_text"]
 
 
@@ -394,8 +418,12 @@ def test_blocksize_experiment_rebuilds_only_the_nf4_base(blocksize, good):
 
 
 def test_new_nf4_base_makes_only_the_qlora_side_stale(blocksize):
-    """Through the real new pointers and static metrics: qlora/qlora_gc train, evaluate, profile, and aggregate."""
-    assert set(blocksize["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4"}, blocksize["status_after"]
+    """Through the real new pointers and static metrics: qlora/qlora_gc train, evaluate, profile, aggregate, and
+    the scale study."""
+    # scale_report is stale only once scale@<arch> has rerun (its deps are that stage's outputs), so `dvc
+    # status` does not list it yet; `dvc repro` would run it
+    assert set(blocksize["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4", "scale_report"}, \
+        blocksize["status_after"]
     assert blocksize["dry_after"] == BLOCKSIZE_RERUN - {"quantize@nf4"}, blocksize["dry_after_text"]
 
 
@@ -439,7 +467,8 @@ def test_metrics_diff_lists_every_method(blocksize):
 # ---- lora.r 2 -> 4: train, evaluate, profile, aggregate; never prepare or quantize -----------------------
 
 def test_lora_r_reruns_train_evaluate_profile_aggregate(lora_r):
-    direct = {*(f"train@{m}-{DATASET}" for m in METHODS), *(f"profile@{m}" for m in METHODS)}
+    direct = {*(f"train@{m}-{DATASET}" for m in METHODS), *(f"profile@{m}" for m in METHODS),
+              f"scale@{SCALE_ARCH}"}
     assert set(lora_r["status"]) == direct, lora_r["status"]
     assert lora_r["dry"] == LORA_RERUN, lora_r["dry_text"]
 

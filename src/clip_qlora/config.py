@@ -102,6 +102,17 @@ class Profile:
 
 
 @dataclass
+class Scale:
+    archs: list = field(default_factory=lambda: ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-g-14",
+                                                 "ViT-bigG-14"])
+    batches: list = field(default_factory=lambda: ["4x8", "32x1"])
+    n_classes: int = 100
+    warmup: int = 1
+    steps: int = 5
+    gpu_gib: list = field(default_factory=lambda: [8, 12, 16, 24, 48, 80])
+
+
+@dataclass
 class Params:
     datasets: list = field(default_factory=list)
     methods: list = field(default_factory=lambda: ["lora", "lora_gc", "qlora", "qlora_gc"])
@@ -112,6 +123,7 @@ class Params:
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
     profile: Profile = field(default_factory=Profile)
+    scale: Scale = field(default_factory=Scale)
 
 
 def _bad(key: str, value: Any, allowed: str) -> UserError:
@@ -255,7 +267,37 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     _int("profile.n_classes", pr.n_classes, lo=2)
     _int("profile.warmup", pr.warmup, lo=1)
     _int("profile.steps", pr.steps)
+    _validate_scale(p.scale, known_archs, lo.layers if lo.layers != "all" else None, lo.towers)
     return p
+
+
+def _validate_scale(sc: Scale, known_archs, layers: list | None, towers: list) -> None:
+    if not isinstance(sc.archs, list) or not sc.archs or len(set(map(str, sc.archs))) != len(sc.archs):
+        raise _bad("scale.archs", sc.archs, "a non-empty list of distinct open_clip architectures")
+    known = set(known_archs)
+    for a in sc.archs:
+        if not isinstance(a, str) or a not in known:
+            raise _bad("scale.archs", a, "open_clip architectures such as ViT-B-16, or the shipped clip-tiny, "
+                                         "clip-tiny-wide")
+        depth = min(_tower_depths(a, towers))
+        if layers is not None and max(layers) >= depth:
+            raise _bad("lora.layers", layers, f"block indices below {depth} (scale.archs has {a}, {depth} blocks "
+                                              f"in the smallest adapted tower)")
+    if not isinstance(sc.batches, list) or not sc.batches:
+        raise _bad("scale.batches", sc.batches, "a non-empty list like ['4x8', '32x1']")
+    for b in sc.batches:
+        _batch_spec("scale.batches", b)
+    if len(set(sc.batches)) != len(sc.batches):
+        raise _bad("scale.batches", sc.batches, "distinct configurations")
+    _int("scale.n_classes", sc.n_classes, lo=2)
+    _int("scale.warmup", sc.warmup, lo=1)
+    _int("scale.steps", sc.steps)
+    sizes = sc.gpu_gib
+    if (not isinstance(sizes, list) or not sizes
+            or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0
+                   for g in sizes)
+            or sorted(set(sizes)) != sizes):
+        raise _bad("scale.gpu_gib", sizes, "a non-empty increasing list of GPU sizes in GiB, e.g. [8, 16, 24]")
 
 
 def _tower_depths(arch: str, towers: list) -> list[int]:

@@ -7,6 +7,7 @@ own figures (allocated after load, max allocated/reserved over steps) are report
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -141,3 +142,52 @@ def allocated_bytes(device: str) -> int | None:
         torch.cuda.synchronize()
         return int(torch.cuda.memory_allocated())
     return None
+
+
+class DriverMemory:
+    """The GPU memory this process holds as the driver reports it (NVML), None where NVML cannot say.
+
+    This is what nvidia-smi lists for the process: the CUDA context and loaded kernels, everything the caching
+    allocator has reserved, and anything a library allocates outside it; what a GPU of a given size must
+    hold. The allocator only grows between `empty_cache` calls, so a reading taken at the end of a window of
+    steps is that window's maximum. Off CUDA, without nvidia-ml-py, or where the driver does not list this
+    process (a container's PID namespace), `read` returns None.
+    """
+
+    def __init__(self, device: str):
+        self.device, self.handle, self._nvml = str(device), None, None
+        if not self.device.startswith("cuda"):
+            return
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handle = self._handle(pynvml)
+        except Exception:  # no NVML library or driver: the allocator's figures still stand
+            self.handle = None
+
+    def _handle(self, pynvml):
+        # NVML numbers every GPU of the machine; torch only the visible ones: match them by UUID
+        props = torch.cuda.get_device_properties(torch.device(self.device))
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid:
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            except Exception:
+                pass
+        if os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return None  # the index would name another GPU
+        return pynvml.nvmlDeviceGetHandleByIndex(torch.device(self.device).index or 0)
+
+    def read(self) -> int | None:
+        if self.handle is None:
+            return None
+        torch.cuda.synchronize()
+        try:
+            for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if proc.pid == os.getpid():
+                    return None if proc.usedGpuMemory is None else int(proc.usedGpuMemory)
+        except Exception:
+            return None
+        return None

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from .memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
+from .memory import (CudaPeak, DriverMemory, SavedActivations, allocated_bytes, frozen_weight_bytes,
+                     trainable_bytes)
 from .train import build_run, make_step, optimizer_step
 
 
@@ -57,12 +58,22 @@ def median_step_ms(step, n: int, device: str, seed0: int = 0) -> float:
 def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
             device: str) -> dict:
     """Static bytes, saved-activation bytes, allocator peaks and median step time of one configuration."""
+    prompts = synthetic_prompts(n_classes)
+    return measure_run(lambda total: build_run(base_dir, params, method, prompts, device, total), params,
+                       micro, accum, n_classes, warmup, steps, device)
+
+
+def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
+                device: str) -> dict:
+    """`measure` of the Run that make_run(total_steps) builds (the scale study builds its base on the device).
+
+    Everything make_run allocates counts as the run's memory; it should leave no cached transient behind.
+    """
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     before = allocated_bytes(device) or 0
-    run = build_run(base_dir, params, method, synthetic_prompts(n_classes), device,
-                    1 + 2 * (warmup + steps))
+    run = make_run(1 + 2 * (warmup + steps))
     static_alloc = allocated_bytes(device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(micro * accum, 3, run.size, run.size, generator=g, device=device)
@@ -86,17 +97,23 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
         torch.manual_seed(1 + warmup + i)
         optimizer_step(run, batches)
     memory = peak.read()
+    driver = DriverMemory(device)
+    driver_eager = driver.read()
     # Time with the step training runs (a CUDA graph where possible).
     step, mode = make_step(run, batches, params.train.cuda_graph)
     for i in range(warmup):
         torch.manual_seed(1 + warmup + steps + i)
         step(batches)
     step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup + steps)
+    # Read last, the driver's figure is the process as training runs it: eager steps first, then the captured
+    # step's own memory pool on top (what nvidia-smi shows during `train`).
+    driver_bytes = driver.read()
     tb = trainable_bytes(run.model, run.optimizer)
     out = {"static_bytes": frozen_weight_bytes(run.model, device),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
-           "saved_activation_bytes": acts.bytes, **memory, "step_ms": step_ms,
-           "step_mode": mode}
+           "saved_activation_bytes": acts.bytes, **memory, "driver_eager_bytes": driver_eager,
+           "driver_bytes": driver_bytes, "baseline_allocated_bytes": None if static_alloc is None else before,
+           "step_ms": step_ms, "step_mode": mode}
     return out
