@@ -130,7 +130,7 @@ def _is_local(pretrained: str) -> bool:
     return path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists()
 
 
-def _activation_kwargs(quick_gelu: bool) -> dict:
+def activation_kwargs(quick_gelu: bool) -> dict:
     # force_quick_gelu is open_clip's switch for True; a `-quickgelu` config is turned back with the model kwarg
     return {"force_quick_gelu": True} if quick_gelu else {"quick_gelu": False}
 
@@ -177,7 +177,7 @@ def create_clip(arch: str, pretrained: str, quick_gelu="auto", device: str = "cp
     path = Path(str(pretrained)).expanduser()
     if _is_local(pretrained) and not path.exists():
         raise UserError(f"model.pretrained: checkpoint {path} not found")
-    act = _activation_kwargs(resolve_quick_gelu(arch, pretrained, quick_gelu))
+    act = activation_kwargs(resolve_quick_gelu(arch, pretrained, quick_gelu))
     torch.manual_seed(INIT_SEED)
     if pretrained in ("none", "", None):
         if device != "meta":

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from . import backends
 from .io import UserError
-from .model import INIT_SEED, prepare_precision, register_configs, split_attention
+from .model import (INIT_SEED, activation_kwargs, prepare_precision, register_configs, resolve_quick_gelu,
+                    split_attention, uses_quick_gelu)
 
 
 @contextlib.contextmanager
@@ -54,7 +55,9 @@ def build_on_device(arch: str, compute_dtype: torch.dtype, device: str) -> nn.Mo
     torch.manual_seed(INIT_SEED)  # seeds the CPU and every CUDA generator
     with _defaults(device, compute_dtype):
         # precision 'fp32' makes open_clip leave dtypes alone (it only moves to `device`, a no-op here)
-        model = open_clip.create_model(arch, pretrained=None, precision="fp32", device=device)
+        # random weights: the architecture's own activation, as create_clip builds it for pretrained 'none'
+        model = open_clip.create_model(arch, pretrained=None, precision="fp32", device=device,
+                                       **activation_kwargs(resolve_quick_gelu(arch, "none", "auto")))
         split_attention(model)  # its new Linears are created on the device too
     prepare_precision(model, compute_dtype)  # LayerNorms to fp32, as in build_base
     model.requires_grad_(False)
@@ -72,7 +75,8 @@ def make_random_base(arch: str, base: str, settings: dict | None, compute_dtype:
         torch.cuda.synchronize()
     meta = {"arch": arch, "pretrained": "none", "is_pretrained": False, "base": base,
             "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings,
-            "init": f"random, on {device}", "build_seconds": time.perf_counter() - t0}
+            "init": f"random, on {device}", "build_seconds": time.perf_counter() - t0,
+            "activation": "quick_gelu" if uses_quick_gelu(model) else "gelu"}
     return model, meta
 
 
