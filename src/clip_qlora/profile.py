@@ -32,7 +32,9 @@ def isolated(fn, *args, device: str):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # the child starts on the GPU this process claimed (gpu_claim), not on CUDA's default device 0
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.cuda.set_device, initargs=(device,)) as pool:
         return pool.submit(fn, *args).result()
 
 
