@@ -57,8 +57,8 @@ def hold(spec: str) -> None:
 
 
 def main() -> int:
-    note("start", cwd=os.getcwd(), env={k: os.environ.get(k) for k in
-                                         (gpu_claim.ENV_FAKE, gpu_claim.ENV_LOCKS, "DVC_ROOT")})
+    note("start", cwd=os.getcwd(), env={k: v for k, v in os.environ.items()
+                                         if k.startswith(("CLIP_QLORA_", "CLAIM_PROBE_")) or k == "DVC_ROOT"})
     if os.environ.get("CLAIM_PROBE_TRY_FIRST") == "1":
         wait = os.environ.get(gpu_claim.ENV_WAIT)
         os.environ[gpu_claim.ENV_WAIT] = "0"
