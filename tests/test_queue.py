@@ -5,6 +5,7 @@ with a one-stage project whose stage claims a simulated GPU through clip_qlora.g
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -183,3 +184,33 @@ def test_stage_entry_point_imports_the_code_beside_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import stages, clip_qlora; print(clip_qlora.__file__)"],
                          cwd=tmp_path, env=BASE_ENV, capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()) == tmp_path / "src" / "clip_qlora" / "__init__.py"
+
+
+def test_sweep_reads_queue_status_and_claims():
+    from clip_qlora.sweep import claims_in_log, queue_tasks
+
+    status = ("Task     Name        Created    Status\n"
+              "674f9b3  tarot-kind  03:12 PM   Success\n"
+              "a1fe077  waspy-bosk  03:12 PM   Failed\n"
+              "b2aa101  gusty-lamb  Dec 01, 2026  Queued\n\n"
+              "Worker status: 0 active, 1 idle\n")
+    assert queue_tasks(status) == {"tarot-kind": "Success", "waspy-bosk": "Failed", "gusty-lamb": "Queued"}
+    log = ("Running stage 'train@lora-shapes':\n> python -m stages train --method lora --dataset shapes\n"
+           "GPU claim: GPU 1 (GPU-5e2a) for pid 4242\nWARNING clip_qlora.model: GPU claim: not a claim\n")
+    assert claims_in_log(log) == ["GPU claim: GPU 1 (GPU-5e2a) for pid 4242"]
+
+
+def test_sweep_reads_finish_times_of_its_variants():
+    from clip_qlora.sweep import finish_times
+
+    def rev(name, ts):
+        return {"rev": "abc", "name": name, "data": {"timestamp": ts, "params": {}, "metrics": {}}}
+
+    show = json.dumps([{"rev": "workspace", "experiments": None, "data": {"timestamp": None}},
+                       {"rev": "base", "name": "main", "data": {"timestamp": "2026-12-01T15:00:00"},
+                        "experiments": [{"revs": [rev("a", "2026-12-01T15:01:40")]},
+                                        {"revs": [rev("old", "2026-12-01T14:00:00")]}]}])
+    t = finish_times(show, ["a"])
+    assert list(t) == ["a"]
+    assert t["a"] - datetime.datetime(2026, 12, 1, 15, 0, 0).timestamp() == 100
+
