@@ -177,7 +177,7 @@ def test_cpu_takes_no_lock(gpus, monkeypatch):
 
 
 @pytest.mark.parametrize("var,value", [(gpu_claim.ENV_FAKE, "two"), (gpu_claim.ENV_WAIT, "-1"),
-                                       (gpu_claim.ENV_WAIT, "soon")])
+                                       (gpu_claim.ENV_WAIT, "nan"), (gpu_claim.ENV_WAIT, "soon")])
 def test_bad_environment_is_one_line_naming_the_variable(gpus, monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(UserError, match=f"^{var}: '{value}'"):

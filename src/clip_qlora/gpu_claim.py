@@ -67,7 +67,7 @@ def wait_seconds() -> float:
         value = float(raw) if raw else DEFAULT_WAIT_S
     except ValueError:
         value = -1.0
-    if value < 0:
+    if not value >= 0:  # also NaN
         raise UserError(f"{ENV_WAIT}: {raw!r} is not a number of seconds >= 0")
     return value
 

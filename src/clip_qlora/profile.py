@@ -32,9 +32,11 @@ def isolated(fn, *args, device: str):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # the child starts on the GPU this process claimed (gpu_claim), not on CUDA's default device 0
+    # the child's current device is this process's (the GPU gpu_claim claimed), not CUDA's default device 0
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.cuda.set_device, initargs=(device,)) as pool:
+                             initializer=torch.cuda.set_device, initargs=(index,)) as pool:
         return pool.submit(fn, *args).result()
 
 
