@@ -38,13 +38,14 @@ class Holders:
     """Probe processes holding simulated GPUs until their release file appears."""
 
     def __init__(self, folder: Path):
-        self.folder, self.log, self.procs = folder, folder / "events.jsonl", {}
+        self.folder, self.log, self.procs, self.files = folder, folder / "events.jsonl", {}, []
 
     def start(self, name: str, **env) -> subprocess.Popen:
         full = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                 "CLAIM_PROBE_LOG": str(self.log), "CLAIM_PROBE_HOLD": f"file:{self.folder / name}.release",
                 **env}
         err = open(self.folder / f"{name}.err", "w")
+        self.files.append(err)
         self.procs[name] = subprocess.Popen([sys.executable, str(PROBE)], env=full, stderr=err)
         return self.procs[name]
 
@@ -80,6 +81,8 @@ class Holders:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for f in self.files:
+            f.close()
 
 
 @pytest.fixture
