@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run demo test setup clean-demo
+.PHONY: run demo test setup clean-demo sweep clean-sweep
 
 setup: $(STAMP)
 
@@ -29,8 +29,19 @@ run: $(STAMP) .dvc
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.demo . runs/demo
 
+# A grid of variants on DVC's experiment queue, offline like the demo, in runs/sweep (a Git repo of its own).
+# SWEEP_JOBS experiments at once; on a GPU machine each stage claims its own GPU (README: Sweeps over several GPUs).
+# SWEEP_GRID='-S lora.r=2,4,8' replaces the default grid (clip_qlora/sweep.py: GRID).
+SWEEP_JOBS ?= 2
+SWEEP_GRID ?=
+sweep: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.sweep . runs/sweep --jobs $(SWEEP_JOBS) $(SWEEP_GRID)
+
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q
 
 clean-demo:
 	rm -rf runs/demo
+
+clean-sweep:
+	rm -rf runs/sweep

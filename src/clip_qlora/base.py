@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import backends
+from . import backends, gpu_claim
 from .io import UserError, atomic_dir
 from .model import build_base, uses_quick_gelu
 
@@ -16,10 +16,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    """cpu, or the GPU this process now holds alone (gpu_claim: one GPU per queued experiment's stage)."""
+    if device == "auto" and not torch.cuda.is_available():
+        return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"model.device: {device!r} asked for but no CUDA device is visible")
+    if device == "auto" or device.startswith("cuda"):
+        return gpu_claim.claim_cuda(device)
     return device
 
 

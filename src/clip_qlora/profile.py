@@ -33,7 +33,11 @@ def isolated(fn, *args, device: str):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # the child's current device is this process's (the GPU gpu_claim claimed), not CUDA's default device 0
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.cuda.set_device, initargs=(index,)) as pool:
         return pool.submit(fn, *args).result()
 
 
