@@ -11,8 +11,9 @@ import pytest
 import torch
 import torchvision.datasets
 
-from clip_qlora.data import (DATASETS, DatasetSpec, augment, class_prompts, eval_loader, load_split,
-                             load_train_images, prepare_split, write_split)
+from clip_qlora.data.images import augment, eval_loader, load_train_images
+from clip_qlora.data.registry import DATASETS, DatasetSpec
+from clip_qlora.data.splits import class_prompts, load_split, prepare_split, write_split
 from clip_qlora.io import UserError
 
 from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, root_path, truncate,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..io import UserError, atomic_dir, read_json, write_json
 from .draw import draw_shots
-from .images import open_rgb
+from .decode import open_rgb
 from .layouts import escapes
 from .registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
 
