@@ -56,7 +56,7 @@ def median_step_ms(step, n: int, device: str, seed0: int = 0) -> float:
 
 def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
             device: str) -> dict:
-    """Static bytes, saved-activation bytes, allocator peaks and median step time of one configuration."""
+    """Base bytes on the device, saved-activation bytes, allocator peaks and median step time of one configuration."""
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -87,13 +87,13 @@ def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: in
         optimizer_step(run, batches)
     memory = peak.read()
     # Time with the step training runs (a CUDA graph where possible).
-    step, mode = make_step(run, batches, params.train.cuda_graph)
+    step, mode = make_step(run, batches, params.runtime.cuda_graph)
     for i in range(warmup):
         torch.manual_seed(1 + warmup + steps + i)
         step(batches)
     step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup + steps)
     tb = trainable_bytes(run.model, run.optimizer)
-    out = {"static_bytes": frozen_weight_bytes(run.model, device),
+    out = {"device_base_bytes": frozen_weight_bytes(run.model, device),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from . import adapters as ad
 from . import backends
-from .backends import METHODS
 from .base import load_base
 from .blocks import BlockDropout
 from .io import UserError, atomic_dir, atomic_path
@@ -50,7 +49,7 @@ class Run:
     std: tuple
     meta: dict                  # the saved base's description
     blocks: BlockDropout        # per-block dropout generators (and checkpointing for the _gc methods)
-    text_stream: torch.cuda.Stream | None = None  # CUDA, train.overlap_text: the text tower's stream
+    text_stream: torch.cuda.Stream | None = None  # CUDA, runtime.overlap_text: the text tower's stream
     step: int = 0               # optimizer steps taken
     _text_cache: torch.Tensor | None = None
 
@@ -107,9 +106,9 @@ def build_run(base_dir: str | Path, params, method: str, prompts: list[str], dev
 def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: list[str], device: str,
                  total_steps: int, adapter_dir: str | Path | None = None) -> Run:
     """`build_run` on a base already in memory (tests and benchmarks that skip the save/load)."""
-    set_cublas_workspace(params.train.cublas_workspace_kib)
-    _, gc = METHODS[method]
-    backends.get(meta["base"]).for_training(model, params.train.expand_absmax)
+    set_cublas_workspace(params.runtime.cublas_workspace_kib)
+    gc = backends.METHODS[method].checkpointing
+    backends.get(meta["base"]).for_training(model, meta["settings"])
     peft_model = (ad.load_adapters(model, adapter_dir, trainable=True) if adapter_dir
                   else ad.add_adapters(model, params.lora))
     ad.let_autocast_cast_inputs(peft_model)  # loss_on always runs under autocast (or in fp32)
@@ -133,7 +132,7 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     clip.token_embedding.to("cpu")
     return Run(peft_model, clip, tokens, text_input, ad.text_has_adapters(params.lora), optimizer, lr_at,
                getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta, blocks,
-               text_stream=torch.cuda.Stream(device=device) if cuda and t.overlap_text else None)
+               text_stream=torch.cuda.Stream(device=device) if cuda and params.runtime.overlap_text else None)
 
 
 def set_cublas_workspace(kib: int) -> None:
@@ -302,7 +301,7 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
 
 
 def make_micro_batches(run: Run, images_u8, labels, seed: int, step: int, micro: int, accum: int):
-    from .data import augment
+    from .data.images import augment
 
     idx = batch_indices(len(images_u8), micro * accum, seed, step).to(images_u8.device)
     gen = torch.Generator(device=images_u8.device).manual_seed(_step_seed(seed, step))
@@ -315,13 +314,14 @@ def make_micro_batches(run: Run, images_u8, labels, seed: int, step: int, micro:
 
 def run_fingerprint(params, method: str, seed: int, meta: dict, images_u8, labels) -> str:
     """What a checkpoint must match to be resumed: method, seed, adapter and optimisation settings, the base
-    and the exact training images. A checkpoint left by other params is discarded, never continued."""
+    and the exact training images. A checkpoint left by other params is discarded, never continued; one left
+    with other `runtime` knobs (CUDA graph, checkpoint interval, ...) is continued, as they change no number."""
     import dataclasses
     import hashlib
     import json
 
-    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in ("checkpoint_every", "cuda_graph")}
-    h = hashlib.sha256(json.dumps([method, seed, params.data.shots, dataclasses.asdict(params.lora), train, meta],
+    h = hashlib.sha256(json.dumps([method, seed, params.data.shots, dataclasses.asdict(params.lora),
+                                   dataclasses.asdict(params.train), meta],
                                   sort_keys=True, default=str).encode())
     h.update(images_u8.cpu().contiguous().numpy().tobytes())
     h.update(labels.cpu().contiguous().numpy().tobytes())
@@ -388,9 +388,9 @@ def train_seed(params, method: str, base_dir, prompts, images_u8, labels, seed: 
                 loss = optimizer_step(run, batches)
         else:
             if step_fn is None:
-                step_fn, mode = make_step(run, batches, t.cuda_graph)
+                step_fn, mode = make_step(run, batches, params.runtime.cuda_graph)
             loss = step_fn(batches)
-        ckpt_due = (step + 1) % t.checkpoint_every == 0 and step + 1 < steps
+        ckpt_due = (step + 1) % params.runtime.checkpoint_every == 0 and step + 1 < steps
         if (step + 1) % window == 0 or step + 1 == steps or ckpt_due:
             value = float(loss)  # syncs the device, so only once per window (and before a checkpoint)
             if not math.isfinite(value):
