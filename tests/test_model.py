@@ -105,3 +105,14 @@ def test_uncached_tag_offline_is_one_clear_line(monkeypatch, tmp_path):
 def test_bad_model_settings(arch, pretrained, needle):
     with pytest.raises(UserError, match=needle):
         M.create_clip(arch, pretrained)
+
+
+def test_architectures_read_without_open_clip_are_open_clips():
+    """config checks model.arch from the config files (no torch); the names and configs are open_clip's own."""
+    from clip_qlora import archs
+
+    M.register_configs()
+    assert list(archs.configs()) and set(archs.configs()) == set(open_clip.list_models())
+    for arch in ("ViT-B-16", "clip-tiny"):
+        assert archs.configs()[arch] == open_clip.get_model_config(arch)
+        assert archs.tower_depth(arch, "text") == open_clip.get_model_config(arch)["text_cfg"]["layers"]
