@@ -226,6 +226,9 @@ def test_report_tables_and_quotes(cpu_run, gpu_run):
     assert "| 0.11 | 1.02 | 12:13 |" in res_rows[0] and "| 6.96 |" in res_rows[1]
     assert "RTX 4090" in md and "Caltech101" in md and "0.29" in md and "6:46" in md and "11:55" in md
     assert f"{STATIC['nf4'] / 2**30:.2f}" in res_rows[0]
+    # the two base sizes side by side: as stored (quantize) and on the device (profile)
+    assert res_rows[0].split("|")[3:5] == [f" {STATIC['nf4'] / 2**30:.2f} ", f" {DEVICE['nf4'] / 2**30:.3g} "]
+    assert "`stored_base_bytes`" in md and "`device_base_bytes`" in md
     assert "n/a" in res_rows[0]  # CPU: no allocator peaks
     # figures embedded with relative links
     for name in ("accuracy", "memory", "step_time"):
