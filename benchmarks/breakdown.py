@@ -21,11 +21,10 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from clip_qlora.base import make_base, save_base  # noqa: E402
-from clip_qlora.config import Params  # noqa: E402
+from clip_qlora import backends, config  # noqa: E402
 from clip_qlora.profile import synthetic_prompts  # noqa: E402
 from clip_qlora.train import build_run, make_step, optimizer_step  # noqa: E402
 
-NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
 MIB = 2 ** 20
 OURS = ("clip_qlora", "open_clip", "peft", "bitsandbytes", "torch/nn/functional", "torch/utils/checkpoint")
 
@@ -136,19 +135,18 @@ def kernels(step, graph_step, top: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", default="lora", choices=("lora", "lora_gc", "qlora", "qlora_gc"))
+    ap.add_argument("--method", default="lora", choices=tuple(backends.METHODS))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--n-classes", type=int, default=100)
     ap.add_argument("--arch", default="ViT-B-16")
     ap.add_argument("--what", nargs="+", default=["memory", "kernels"], choices=("persistent", "memory", "kernels"))
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args(argv)
-    p = Params()
-    p.model.arch = a.arch
-    base = "nf4" if a.method.startswith("qlora") else "bf16"
+    p = config.load_with({"model.arch": a.arch})
+    base = backends.METHODS[a.method].base
     with tempfile.TemporaryDirectory() as tmp:
         # built on the CPU: what building leaves in this process must not count as the step's memory
-        model, meta = make_base(a.arch, "none", base, NF4 if base == "nf4" else None, torch.bfloat16, "cpu")
+        model, meta = make_base(a.arch, "none", base, backends.get(base).settings(p), torch.bfloat16, "cpu")
         save_base(model, meta, Path(tmp))
         del model
         torch.manual_seed(0)

@@ -22,20 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from clip_qlora.base import make_base, save_base  # noqa: E402
-from clip_qlora.config import Params  # noqa: E402
+from clip_qlora import backends, config  # noqa: E402
 from clip_qlora.io import versions  # noqa: E402
 from clip_qlora.profile import isolated, synthetic_prompts  # noqa: E402
 from clip_qlora.data.images import TrainImages  # noqa: E402
 from clip_qlora.train import build_run, make_step, optimizer_step, train_seed  # noqa: E402
 
-NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
 
 
 def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, short=0):
     """`steps` steps of micro x accum images; with `short`, every other batch has `short` images (an epoch's
-    short last batch, as train.batching: epochs makes them), which the graph path captures separately."""
-    p = Params()
-    p.train.expand_absmax = p.train.overlap_text = not straight
+    short last batch, as train.batching: epochs makes them), which the graph path captures separately.
+    straight: one stream, and (the base's settings) absmax dequantised at every use; see main()."""
+    p = config.load_with({"runtime.overlap_text": not straight})
     torch.manual_seed(0)
     run = build_run(base_dir, p, method, synthetic_prompts(100), "cuda", steps)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -57,8 +56,8 @@ def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, 
     return losses, params, mode
 
 
-def graph_equivalence(base_dir, method, micro, accum, steps=6, short=0):
-    le, pe, _ = run_steps(base_dir, method, False, steps, micro, accum, straight=True, short=short)
+def graph_equivalence(base_dir, straight_dir, method, micro, accum, steps=6, short=0):
+    le, pe, _ = run_steps(straight_dir, method, False, steps, micro, accum, straight=True, short=short)
     lg, pg, mode = run_steps(base_dir, method, True, steps, micro, accum, short=short)
     diff = max((pe[n] - pg[n]).abs().max().item() for n in pe)
     scale = max(pe[n].abs().max().item() for n in pe)
@@ -67,9 +66,8 @@ def graph_equivalence(base_dir, method, micro, accum, steps=6, short=0):
             "max_abs_param_diff": diff, "max_abs_param": scale}
 
 
-def checkpoint_equivalence(bf16_dir, nf4_dir, method, micro, accum, steps=4):
+def checkpoint_equivalence(base_dir, method, micro, accum, steps=4):
     """Eager steps of method and method_gc from the same init and seeds."""
-    base_dir = bf16_dir if method.startswith("lora") else nf4_dir
     lp, pp, _ = run_steps(base_dir, method, False, steps, micro, accum)
     lc, pc, _ = run_steps(base_dir, f"{method}_gc", False, steps, micro, accum)
     return {"loss": lp, "loss_gc": lc, "max_abs_loss_diff": max(abs(a - b) for a, b in zip(lp, lc)),
@@ -78,7 +76,7 @@ def checkpoint_equivalence(bf16_dir, nf4_dir, method, micro, accum, steps=4):
 
 
 def protocol_time(base_dir, method, n_classes=100, shots=4):
-    p = Params()
+    p = config.load_with()
     g = torch.Generator().manual_seed(0)
     # 4:3 images at the stored resolution of a 500x375 photo (decode_short_side 2.0: kept whole)
     pixels = torch.randint(0, 256, (n_classes * shots, 3, 375, 500), dtype=torch.uint8, generator=g)
@@ -94,7 +92,7 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--methods", nargs="+", default=["lora", "lora_gc", "qlora", "qlora_gc"])
+    ap.add_argument("--methods", nargs="+", default=list(backends.METHODS))
     ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"],
                     help="micro x accumulation for the graph check; '32x1+8': every other batch has 8 images")
     ap.add_argument("--checks", nargs="+", default=["graph", "checkpoint", "protocol"],
@@ -104,12 +102,18 @@ def main():
     out = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "graph": {}, "checkpoint": {},
            "protocol": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for base, s in (("bf16", None), ("nf4", NF4)):
+        study = config.load_with()
+        for base in backends.BACKENDS:
+            s = backends.get(base).settings(study)
             m, meta = make_base("ViT-B-16", "none", base, s, torch.bfloat16, "cuda")
             save_base(m, meta, Path(tmp) / base)
+            if s and s.get("expand_absmax"):  # the straightforward twin: the same tensors, absmax kept 8-bit
+                save_base(m, {**meta, "settings": {**s, "expand_absmax": False}}, Path(tmp) / f"{base}-straight")
             del m
-        def base_of(method):
-            return Path(tmp) / ("bf16" if method.startswith("lora") else "nf4")
+
+        def base_of(method, straight=False):
+            base = backends.METHODS[method].base
+            return Path(tmp) / (f"{base}-straight" if straight and (Path(tmp) / f"{base}-straight").exists() else base)
 
         if "graph" in args.checks:
             for method in args.methods:
@@ -117,13 +121,12 @@ def main():
                     shape, _, short = spec.partition("+")
                     micro, accum = (int(v) for v in shape.split("x"))
                     key = f"{method}-{spec}"
-                    out["graph"][key] = isolated(graph_equivalence, base_of(method), method, micro, accum, 6,
-                                                 int(short or 0), device="cuda")
+                    out["graph"][key] = isolated(graph_equivalence, base_of(method), base_of(method, True), method,
+                                                 micro, accum, 6, int(short or 0), device="cuda")
                     print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
         if "checkpoint" in args.checks:
-            for arm in ("lora", "qlora"):
-                out["checkpoint"][arm] = isolated(checkpoint_equivalence, base_of("lora"), base_of("qlora"), arm,
-                                                  32, 1, device="cuda")
+            for arm in (b.method for b in backends.BACKENDS.values()):
+                out["checkpoint"][arm] = isolated(checkpoint_equivalence, base_of(arm), arm, 32, 1, device="cuda")
                 print("checkpoint", arm, json.dumps(out["checkpoint"][arm])[:400], flush=True)
         if "protocol" in args.checks:
             for method in args.protocol_methods:

@@ -1,8 +1,8 @@
 """The plain recipe: what a user would write with stock open_clip + bitsandbytes + PEFT + torch.
 
 This file is the baseline that `run.py` compares our training step against. It is written on purpose without
-our training code (no `clip_qlora.train`, `clip_qlora.base`, `clip_qlora.backends`, `clip_qlora.adapters`):
-only the recipe of /work/shared/measurements.md, step by step:
+our training code (no `clip_qlora.train`, `clip_qlora.base`, backend modules, `clip_qlora.adapters`; of
+`clip_qlora.backends` only the method table): only the recipe of /work/shared/measurements.md, step by step:
 
 - open_clip `create_model(arch)` with random init (memory and speed do not depend on weight values);
 - attention split into q/k/v/out `nn.Linear` (`clip_qlora.model.split_attention`; PEFT and bitsandbytes both
@@ -30,13 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# method -> (4-bit base?, gradient checkpointing?)
-METHODS: dict[str, tuple[bool, bool]] = {
-    "lora": (False, False),
-    "lora_gc": (False, True),
-    "qlora": (True, False),
-    "qlora_gc": (True, True),
-}
+from clip_qlora.backends import METHODS  # the method table (base, checkpointing); no backend code
+
+# The bases this recipe writes out itself: bf16 as is, nf4 through stock bitsandbytes (below).
+QUANTIZED = {"bf16": False, "nf4": True}
 BLOCK_LINEARS = (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "out_proj"),
                  ("mlp", "c_fc"), ("mlp", "c_proj"))
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 2, 1, 0.25
@@ -93,7 +90,7 @@ def build_plain(method: str, arch: str, device: str, n_classes: int, compute_dty
 
     from clip_qlora.model import register_configs, split_attention
 
-    quantized, grad_ckpt = METHODS[method]
+    quantized, grad_ckpt = QUANTIZED[METHODS[method].base], METHODS[method].checkpointing
     register_configs()  # makes the shipped clip-tiny known to open_clip (ViT-B-16 is built in)
     torch.manual_seed(INIT_SEED)
     clip = open_clip.create_model(arch, pretrained=None)
@@ -173,7 +170,7 @@ def measure_plain(method: str, arch: str, micro: int, accum: int, n_classes: int
     peak.reset()
     step_ms = median_step_ms(lambda: plain_step(state, x, y, micro), steps, device)
     tb = trainable_bytes(state.model, state.optimizer)
-    out = {"static_bytes": frozen_weight_bytes(state.model, device),
+    out = {"device_base_bytes": frozen_weight_bytes(state.model, device),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],

@@ -31,8 +31,9 @@ for _p in (str(HERE), str(ROOT / "src")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-METHOD_ORDER = ("lora", "lora_gc", "qlora", "qlora_gc")
-BASE_OF = {"lora": "bf16", "lora_gc": "bf16", "qlora": "nf4", "qlora_gc": "nf4"}
+from clip_qlora.backends import METHODS  # noqa: E402  (the method table only: imports no torch)
+
+METHOD_ORDER = tuple(METHODS)
 GIB = 2 ** 30
 # Modules the run needs beyond torch; pip names for the message when one is missing.
 REQUIRED = {"torchvision": "torchvision", "ftfy": "ftfy", "regex": "regex", "open_clip": "open_clip_torch",
@@ -75,9 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recipes", nargs="+", default=["ours", "plain"], choices=("ours", "plain"),
                     help="measure only one side (a sweep of ours); ratios and targets need both")
     ap.add_argument("--cublas-workspace-kib", type=int, default=None,
-                    help="ours: train.cublas_workspace_kib (default: params' 1024; 0 = torch's); plain keeps torch's")
+                    help="ours: runtime.cublas_workspace_kib (default: params' 1024; 0 = torch's); plain keeps torch's")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="ours: override a params.yaml key (repeatable), e.g. --set train.overlap_text=false")
+                    help="ours: override a params.yaml key (repeatable), e.g. --set runtime.overlap_text=false")
     ap.add_argument("--tag", default="", help="suffix for the file stem (e.g. a second run on the same day)")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 1 or a.n_classes < 2 or min(a.batches) < 1:
@@ -105,7 +106,7 @@ def _gib(b):
 def to_row(m: dict, baseline: int | None) -> dict:
     """One recipe's measurement in the result file's units (GiB, ms) plus the exact integers behind them."""
     return {
-        "static_gib": _gib(m["static_bytes"]),                   # exact frozen-weight bytes on the device
+        "static_gib": _gib(m["device_base_bytes"]),              # exact frozen-weight bytes on the device
         "allocated_gib": _gib(m["memory_allocated_bytes"]),      # memory_allocated after load (CUDA only)
         "peak_gib": _gib(m["peak_allocated_bytes"]),             # max_memory_allocated over the timed steps
         "reserved_gib": _gib(m["peak_reserved_bytes"]),          # max_memory_reserved over the timed steps
@@ -113,7 +114,7 @@ def to_row(m: dict, baseline: int | None) -> dict:
         "step_mode": m.get("step_mode", "eager"),                # cuda_graph or eager
         "saved_activation_gib": _gib(m["saved_activation_bytes"]),
         "baseline_gib": _gib(baseline),  # allocated before the build: process-wide (cuBLAS workspace, leaks)
-        "static_bytes": int(m["static_bytes"]),
+        "static_bytes": int(m["device_base_bytes"]),  # (the profile's device_base_bytes)
         "saved_activation_bytes": int(m["saved_activation_bytes"]),
         "trainable_params": int(m["trainable_params"]),
         "trainable_bytes": int(m["trainable_bytes"]),
@@ -281,7 +282,7 @@ def markdown(res: dict) -> str:
              f"bitsandbytes {v['bitsandbytes']}. Command: `{c['command']}`", "",
              f"Ours ran with cuBLAS/cuBLASLt workspaces of "
              + (f"{c['cublas_workspace_kib']} KiB" if c.get("cublas_workspace_kib") else "torch's default size")
-             + " (`train.cublas_workspace_kib`)"
+             + " (`runtime.cublas_workspace_kib`)"
              + (f" and `{'`, `'.join(c['set'])}`" if c.get("set") else "") + "; the plain recipe with torch's defaults.",
              "", "## Measurements", "",
              "| row | recipe | " + " | ".join(h for _, h, _ in SHOW) + " | step mode | trainable |",
@@ -356,7 +357,8 @@ def main(argv=None) -> dict:
 
     from clip_qlora import backends
     from clip_qlora.base import make_base, resolve_device, resolve_dtype, save_base
-    from clip_qlora.config import Params
+    from clip_qlora import config
+    from clip_qlora.io import UserError
     from clip_qlora.model import register_configs
     from clip_qlora.profile import measure
 
@@ -383,22 +385,24 @@ def main(argv=None) -> dict:
         f"{args.warmup}+{args.steps} steps, {args.n_classes} classes -> {out_dir / stem}.json")
     log(f"versions: {res['versions']}")
 
-    params = Params()
-    if args.cublas_workspace_kib is not None:
-        params.train.cublas_workspace_kib = args.cublas_workspace_kib
     import yaml
 
+    # ours runs with the study's params.yaml (the one home of every value) plus the overrides asked for
+    overrides = {}
+    if args.cublas_workspace_kib is not None:
+        overrides["runtime.cublas_workspace_kib"] = args.cublas_workspace_kib
     for item in args.set:
         key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if not hasattr(params, section) or not hasattr(getattr(params, section), name):
-            raise SystemExit(f"--set {item}: unknown key {key!r}; expected SECTION.KEY of params.yaml")
-        setattr(getattr(params, section), name, yaml.safe_load(value))
-    res["config"]["cublas_workspace_kib"] = params.train.cublas_workspace_kib  # what ours ran with
+        overrides[key] = yaml.safe_load(value)
+    try:
+        params = config.load_with(overrides)
+    except UserError as e:
+        raise SystemExit(f"--set/--cublas-workspace-kib: {e}") from None
+    res["config"]["cublas_workspace_kib"] = params.runtime.cublas_workspace_kib  # what ours ran with
     failed = False
     with tempfile.TemporaryDirectory(prefix="clip-qlora-bench-") as tmp:
         base_dirs = {}
-        for base in sorted({BASE_OF[m] for m in methods} if "ours" in args.recipes else ()):
+        for base in sorted({METHODS[m].base for m in methods} if "ours" in args.recipes else ()):
             t0 = time.perf_counter()
             try:
                 model, meta = make_base(args.arch, "none", base, backends.get(base).settings(params), dtype, device)
@@ -423,7 +427,7 @@ def main(argv=None) -> dict:
                 if "plain" in args.recipes:
                     plain_row = measure_one("plain", measure_plain, (
                         method, args.arch, b, 1, args.n_classes, args.warmup, args.steps, device, dtype), device)
-                base_dir = base_dirs.get(BASE_OF[method])
+                base_dir = base_dirs.get(METHODS[method].base)
                 if "ours" not in args.recipes:
                     ours_row = {"error": "not measured (--recipes)"}
                 elif isinstance(base_dir, Exception):

@@ -204,6 +204,16 @@ def targets(records: dict, p) -> list[dict]:
     return out
 
 
+def _renamed(record: dict) -> dict:
+    """Records measured before the base's bytes on the device were named apart from the stored base's
+    (`static_bytes` -> `device_base_bytes`, the same quantity): read under the current name."""
+    for method in record.get("methods", {}).values():
+        for cfg in method.values():
+            if isinstance(cfg, dict) and "static_bytes" in cfg:
+                cfg["device_base_bytes"] = cfg.pop("static_bytes")
+    return record
+
+
 def collect(args) -> int:
     from clip_qlora import config, scale_report
     from clip_qlora.io import UserError, write_json, write_text
@@ -214,7 +224,7 @@ def collect(args) -> int:
     for run in runs:  # a later complete record of an architecture replaces an earlier one
         for arch, entry in run["archs"].items():
             if entry.get("complete"):
-                records[arch], used[arch] = entry["record"], run
+                records[arch], used[arch] = _renamed(entry["record"]), run
     missing = [a for a in p.scale.archs if a not in records]
     if missing:
         raise UserError(f"no complete record of {', '.join(missing)} in {', '.join(r['_path'] for r in runs)}; "

@@ -42,7 +42,7 @@ def make_dataset(root: Path, name: str) -> None:
     import numpy as np
     from PIL import Image
 
-    from clip_qlora.data import DATASETS
+    from clip_qlora.data.registry import DATASETS
 
     classes, n_train, n_val, n_test, (w, h) = REAL[name]
     spec = DATASETS[name]

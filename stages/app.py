@@ -12,11 +12,16 @@ from pathlib import Path
 
 import typer
 
+from clip_qlora.backends import BACKENDS, METHODS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="clip-qlora pipeline stages. Each reads params.yaml and writes only its declared outputs.")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file to read (the study: params.yaml)")
 DebugOpt = typer.Option(False, "--debug", help="show the full traceback on errors")
+MethodOpt = typer.Option(..., help=f"{', '.join(METHODS)} (one of params.yaml 'methods')")
+BaseOpt = typer.Option(..., help=", ".join(f"{b} (the {s.label} arm's base)" for b, s in BACKENDS.items()))
+DatasetOpt = typer.Option(..., help="dataset name from params.yaml 'datasets'")
 
 
 def stage(fn):
@@ -35,9 +40,8 @@ def stage(fn):
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2)
         except Exception as e:
-            import torch
-
-            if isinstance(e, torch.OutOfMemoryError) and not kwargs.get("debug"):
+            torch = sys.modules.get("torch")  # not imported: not a CUDA OOM (prepare and aggregate run without it)
+            if torch is not None and isinstance(e, torch.OutOfMemoryError) and not kwargs.get("debug"):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
                 print(f"error: CUDA out of memory after a peak of {peak:.2f} GiB allocated; use a method with "
                       f"gradient checkpointing (lora_gc/qlora_gc) or a smaller micro-batch with more "

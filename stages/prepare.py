@@ -2,17 +2,17 @@ from pathlib import Path
 
 import typer
 
-from stages.app import DebugOpt, ParamsOpt, app, stage
+from stages.app import DatasetOpt, DebugOpt, ParamsOpt, app, stage
 
 
 @app.command()
 @stage
-def prepare(dataset: str = typer.Option(..., help="dataset name from params.yaml 'datasets'"),
+def prepare(dataset: str = DatasetOpt,
             out: Path = typer.Option(None, help="split file to write [default: data/splits/<dataset>.json]"),
             params: Path = ParamsOpt, debug: bool = DebugOpt):
     """The few-shot split of one dataset: k images per class per seed, and the full test list."""
     from clip_qlora import config
-    from clip_qlora.data import prepare_split, write_split
+    from clip_qlora.data.splits import prepare_split, write_split
 
     p = config.load(params)
     config.require_member("dataset", dataset, p.datasets)

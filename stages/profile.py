@@ -1,17 +1,16 @@
 from pathlib import Path
 
-import typer
-
-from stages.app import DebugOpt, ParamsOpt, app, stage
+from stages.app import DebugOpt, MethodOpt, ParamsOpt, app, stage
 
 
 @app.command()
 @stage
-def profile(method: str = typer.Option(..., help="lora, lora_gc, qlora or qlora_gc"),
-            params: Path = ParamsOpt, debug: bool = DebugOpt):
+def profile(method: str = MethodOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
     """Memory and step time of one method on synthetic inputs, for each profile.batches configuration."""
-    from clip_qlora import config, pipeline
+    from clip_qlora import config
 
     p = config.load(params)
     config.require_member("method", method, p.methods)
-    pipeline.profile(p, method)
+    from clip_qlora.pipeline.profile import profile as run  # torch: after params are checked
+
+    run(p, method)

@@ -1,19 +1,17 @@
 from pathlib import Path
 
-import typer
-
-from stages.app import DebugOpt, ParamsOpt, app, stage
+from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, stage
 
 
 @app.command()
 @stage
-def train(method: str = typer.Option(..., help="lora, lora_gc, qlora or qlora_gc"),
-          dataset: str = typer.Option(..., help="dataset name from params.yaml 'datasets'"),
-          params: Path = ParamsOpt, debug: bool = DebugOpt):
+def train(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
     """Train adapters for every seed; resumes from .ckpt/ after an interruption."""
-    from clip_qlora import config, pipeline
+    from clip_qlora import config
 
     p = config.load(params)
     config.require_member("method", method, p.methods)
     config.require_member("dataset", dataset, p.datasets)
-    pipeline.train(p, method, dataset)
+    from clip_qlora.pipeline.train import train as run  # torch: after params are checked
+
+    run(p, method, dataset)

@@ -6,10 +6,12 @@ import logging
 import pytest
 import torch
 
+from clip_qlora import backends, config
 from clip_qlora.base import make_base, save_base
-from clip_qlora.config import Params
 
-NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
+# The shipped architecture with random weights, everything else as params.yaml has it (the one home of values).
+TINY = {"datasets": ["shapes"], "model.arch": "clip-tiny", "model.pretrained": "none"}
+NF4 = backends.get("nf4").settings(config.load_with())  # the study's NF4 settings
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +31,4 @@ def saved_bases(tmp_path_factory):
 
 @pytest.fixture
 def tiny_params():
-    p = Params(datasets=["shapes"])
-    p.model.arch = "clip-tiny"
-    p.model.pretrained = "none"
-    return p
+    return config.load_with(TINY)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clip_qlora.data import DATASETS
+from clip_qlora.data.registry import DATASETS
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from clip_qlora import backends
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("lora", "lora_gc", "qlora", "qlora_gc")
+METHODS = tuple(backends.METHODS)
 FINITE = ("static_gib", "step_ms", "saved_activation_gib")
 ALLOCATOR = ("allocated_gib", "peak_gib", "reserved_gib")
 
@@ -34,7 +36,7 @@ def result(tmp_path_factory):
                     "--steps", "2", "--warmup", "1", "--n-classes", "10", "--threads", "1", "--out", str(out),
                     # the base as bitsandbytes stores it, absmax double-quantized, so the frozen bytes of both
                     # recipes must agree exactly (test_quant checks the bytes expand_absmax adds)
-                    "--set", "train.expand_absmax=false"])
+                    "--set", "quant.expand_absmax=false"])
     files = sorted(out.glob("*.json"))
     assert len(files) == 1 and files[0].name.endswith("-cpu.json"), files
     assert files[0].with_suffix(".md").exists()
@@ -46,7 +48,7 @@ def test_schema(result):
     assert not res["failed"]
     assert {"date", "gpu", "versions", "rows"} <= set(data)
     assert data["gpu"] == "cpu" and data["complete"] is True
-    assert data["config"]["set"] == ["train.expand_absmax=false"]
+    assert data["config"]["set"] == ["quant.expand_absmax=false"]
     assert set(data["versions"]) >= {"torch", "open_clip", "peft", "bitsandbytes", "cuda"}
     assert all(data["versions"][k] for k in ("torch", "open_clip", "peft", "bitsandbytes"))
     assert set(data["rows"]) == {f"{m}-b2" for m in METHODS}

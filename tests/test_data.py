@@ -16,9 +16,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from clip_qlora.data import (DATASETS, DatasetSpec, augment, class_prompts, eval_loader, load_split,
-                             load_train_images, prepare_split, write_split)
-from clip_qlora.data.images import RATIO, SCALE, TrainImages, crop_params
+from clip_qlora.data.images import RATIO, SCALE, TrainImages, augment, crop_params, eval_loader, load_train_images
+from clip_qlora.data.registry import DATASETS, DatasetSpec
+from clip_qlora.data.splits import class_prompts, load_split, prepare_split, write_split
 from clip_qlora.io import UserError
 
 from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, root_path, truncate,

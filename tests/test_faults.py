@@ -4,6 +4,7 @@ images, untrusted checkpoints and CUDA out-of-memory, each through the code path
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import math
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 
 import clip_qlora.adapters as adapters_mod
 import clip_qlora.train as train_mod
-from clip_qlora import config, pipeline
+from clip_qlora import config
+from clip_qlora.pipeline.train import train as train_stage
 from clip_qlora.io import UserError, atomic_dir, atomic_path, write_json
 from clip_qlora.train import build_run, load_checkpoint, save_checkpoint
 
@@ -27,7 +29,7 @@ from data_fixtures import truncate
 SEEDS = [1, 2]
 METHODS = ["lora", "qlora"]
 PARAMS = demo_params({"data.seeds": SEEDS, "methods": METHODS, "train.iterations_per_shot": 3,
-                      "train.checkpoint_every": 5})  # 12 steps per seed, checkpoints at 5 and 10
+                      "runtime.checkpoint_every": 5})  # 12 steps per seed, checkpoints at 5 and 10
 
 
 def full_run(folder: Path) -> Path:
@@ -149,7 +151,7 @@ def test_non_finite_loss_stops_training_with_the_step(trained_copy, monkeypatch)
     with project(trained_copy), single_thread():
         nan_from(monkeypatch, 3)  # step 3 of 12
         with pytest.raises(UserError) as e:
-            pipeline.train(config.load(), "lora", "shapes")
+            train_stage(config.load(), "lora", "shapes")
         m = re.fullmatch(r"train: loss became nan by step (\d+) \(lora, seed 1\); lower train\.lr .*", str(e.value))
         assert m, str(e.value)
         assert 3 <= int(m.group(1)) <= 12  # checked once per 50-step window and at the last step
@@ -175,14 +177,14 @@ def test_non_finite_loss_leaves_no_poisoned_checkpoint(trained_copy, monkeypatch
         p = config.load()
         nan_from(monkeypatch, 3)
         with pytest.raises(UserError, match="loss became nan"):
-            pipeline.train(p, "lora", "shapes")
+            train_stage(p, "lora", "shapes")
         monkeypatch.undo()
         for ckpt in Path(".ckpt").rglob("*.pt"):
             state = torch.load(ckpt, weights_only=True)
             bad = [k for k, v in state["adapters"].items() if not torch.isfinite(v).all()]
             assert not bad, f"{ckpt} (step {state['step']}) holds non-finite adapters: {bad[:2]}"
         # the cause is gone: the rerun must train normally
-        m = pipeline.train(p, "lora", "shapes")
+        m = train_stage(p, "lora", "shapes")
     assert math.isfinite(m["per_seed"]["1"]["final_loss"])
 
 
@@ -368,7 +370,8 @@ def _oom(*args, **kwargs):
     ("quantize", ("quantize", "--base", "nf4")),
 ])
 def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
-    monkeypatch.setattr(pipeline, target, _oom)
+    stage_module = importlib.import_module(f"clip_qlora.pipeline.{target}")
+    monkeypatch.setattr(stage_module, target, _oom)
     with project(tmp_path, PARAMS):
         r = invoke(*args)
         assert r.exit_code == 3, (r.output, r.exception)
@@ -381,6 +384,6 @@ def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
         r = invoke(*args, "--debug")
         assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, torch.OutOfMemoryError)
         # any other crash is not dressed up as OOM or as a user error
-        monkeypatch.setattr(pipeline, target, lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(stage_module, target, lambda *a, **k: 1 / 0)
         r = invoke(*args)
         assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, ZeroDivisionError)

@@ -10,7 +10,8 @@ from clip_qlora.memory import SavedActivations, frozen_weight_bytes, trainable_b
 from clip_qlora.model import block_linears
 from clip_qlora.train import loss_on, optimizer_step, run_on_model
 
-NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
+from conftest import NF4, TINY
+
 PROMPTS = [f"a photo of a class number {i}." for i in range(4)]
 
 
@@ -40,10 +41,9 @@ def test_frozen_bytes_are_exact_on_tiny():
 @pytest.fixture(scope="module")
 def vit_b16_runs():
     """ViT-B-16 random weights, fp32 compute (CPU bf16 is slow); one in-memory base per arm."""
-    from clip_qlora.config import Params
+    from clip_qlora import config
 
-    p = Params(datasets=["shapes"])
-    p.model.arch = "ViT-B-16"
+    p = config.load_with({**TINY, "model.arch": "ViT-B-16"})
     out = {}
     for arm, base, settings in (("lora", "bf16", None), ("qlora", "nf4", NF4)):
         model, meta = make_base("ViT-B-16", "none", base, settings, torch.float32, "cpu")

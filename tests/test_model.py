@@ -153,3 +153,14 @@ def test_the_two_activations_compute_different_functions():
     img = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(gelu.encode_image(img), quick.encode_image(img), atol=1e-4)
+
+
+def test_architectures_read_without_open_clip_are_open_clips():
+    """config checks model.arch from the config files (no torch); the names and configs are open_clip's own."""
+    from clip_qlora import archs
+
+    M.register_configs()
+    assert list(archs.configs()) and set(archs.configs()) == set(open_clip.list_models())
+    for arch in ("ViT-B-16", "clip-tiny"):
+        assert archs.configs()[arch] == open_clip.get_model_config(arch)
+        assert archs.tower_depth(arch, "text") == open_clip.get_model_config(arch)["text_cfg"]["layers"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from clip_qlora import config
-from clip_qlora.data import load_split, prepare_split, write_split
+from clip_qlora.data.splits import load_split, prepare_split, write_split
 from clip_qlora.io import UserError
 
 from cli_helpers import (DELETE, demo_params, invoke, project, set_key, start_stage, stderr_lines,
@@ -60,11 +60,11 @@ BAD = [
     ("train.batch_size", -32, ["train.batch_size", "= -32", "integer >= 1"]),
     ("train.iterations_per_shot", 0, ["train.iterations_per_shot", "= 0", "integer >= 1"]),
     ("train.iterations_per_shot", -500, ["train.iterations_per_shot", "= -500", "integer >= 1"]),
-    ("train.checkpoint_every", 0, ["train.checkpoint_every", "= 0", "integer >= 1"]),
+    ("runtime.checkpoint_every", 0, ["runtime.checkpoint_every", "= 0", "integer >= 1"]),
     ("train.grad_accum", 0, ["train.grad_accum", "= 0", "integer >= 1"]),
     ("eval.batch_size", 0, ["eval.batch_size", "= 0", "integer >= 1"]),
-    ("eval.workers", -1, ["eval.workers", "= -1", "integer >= 0"]),
-    ("train.cublas_workspace_kib", -1, ["train.cublas_workspace_kib", "= -1", "integer >= 0"]),
+    ("runtime.eval_workers", -1, ["runtime.eval_workers", "= -1", "integer >= 0"]),
+    ("runtime.cublas_workspace_kib", -1, ["runtime.cublas_workspace_kib", "= -1", "integer >= 0"]),
     ("profile.n_classes", 1, ["profile.n_classes", "= 1", "integer >= 2"]),
     # numbers out of range
     ("lora.dropout", 1.0, ["lora.dropout", "1.0", "[0, 1)"]),
@@ -83,6 +83,9 @@ BAD = [
     ("quant.blocksize", 32, ["quant.blocksize", "32", "64, 128, 256"]),
     ("quant.blocksize", 8192, ["quant.blocksize", "8192", "4096"]),
     ("quant.double_quant", "yes please", ["quant.double_quant", "'yes please'", "true or false"]),
+    ("quant.expand_absmax", 1, ["quant.expand_absmax", "= 1", "true or false"]),
+    ("runtime.cuda_graph", "on", ["runtime.cuda_graph", "'on'", "true or false"]),
+    ("runtime.overlap_text", None, ["runtime.overlap_text", "None", "true or false"]),
     # micro-batch x accumulation must equal the batch
     ("train.grad_accum", 3, ["train.grad_accum", "= 3", "divisor of train.batch_size (32)"]),
     ("train.grad_accum", 64, ["train.grad_accum", "= 64", "divisor of train.batch_size (32)"]),
@@ -444,7 +447,24 @@ def test_group_left_empty_is_named(tmp_path):
         config.load(write_params(tmp_path, params))
 
 
-def test_missing_key_takes_the_default(tmp_path):
-    """Only keys present are checked; an absent one is the schema default, not an error."""
-    p = config.load(write_params(tmp_path, set_key(base_params(), "lora.scaling", DELETE)))
-    assert p.lora.scaling == "rslora"
+@pytest.mark.parametrize("key", ["lora.scaling", "runtime.eval_workers", "quant.expand_absmax", "datasets",
+                                 "runtime"])
+def test_missing_key_is_named(tmp_path, key):
+    """No defaults outside params.yaml: a key (or group) left out is one line naming it, not a value from code."""
+    with pytest.raises(UserError) as e:
+        config.load(write_params(tmp_path, set_key(base_params(), key, DELETE)))
+    assert str(e.value).startswith(f"params: missing key {key}: ") and "\n" not in str(e.value)
+
+
+def test_load_with_overrides_the_study_params():
+    """The helper tests and benchmarks use: params.yaml plus dotted overrides, checked like a params file."""
+    import yaml
+
+    study = yaml.safe_load(config.STUDY_PARAMS.read_text())
+    p = config.load_with({"model.arch": "clip-tiny", "runtime.eval_workers": 0, "datasets": ["shapes"]})
+    assert (p.model.arch, p.runtime.eval_workers, p.datasets) == ("clip-tiny", 0, ["shapes"])
+    assert p.train.lr == study["train"]["lr"] and p.quant.blocksize == study["quant"]["blocksize"]
+    with pytest.raises(UserError, match=r"^params: lora.r = 0: expected an integer >= 1$"):
+        config.load_with({"lora.r": 0})
+    with pytest.raises(UserError, match=r"^params: unknown key train.cuda_graph"):
+        config.load_with({"train.cuda_graph": False})  # moved to runtime: the old name is refused

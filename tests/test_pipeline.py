@@ -7,10 +7,12 @@ runs; each check is its own test.
 
 Cost: every stage is a fresh Python process spending ~10 s of CPU importing torch, open_clip, peft and
 bitsandbytes, so the budget is counted in stage processes, not training steps (those are made negligible:
-1 seed, 1 shot, 1 step, a tiny profile, one scale architecture). The default run uses 20: 18 for the first
-`dvc repro`, 1 for `dvc exp run -S quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what it makes
-stale is read from `dvc status`), 1 for a stage run by hand. What a lora.r or quant.* change reruns is also checked as DVC plans
-it (`dvc status --json`, `dvc repro --dry --force-downstream`). PIPELINE_TEST_FULL=1 adds the real reruns
+1 seed, 1 shot, 1 step, a tiny profile, one scale architecture). The default run uses 21: 18 for the first
+`dvc repro`, 1 for `dvc repro quantize@nf4` with quant.expand_absmax off (a setting that leaves the stored
+tensors alone must still reach the qlora side, through the method pointers), 1 for `dvc exp run -S
+quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what each makes stale is read from `dvc status`), 1
+for a stage run by hand. What a lora.r, quant.* or runtime.* change reruns is also checked as DVC plans it
+(`dvc status --json`, `dvc repro --dry --force-downstream`). PIPELINE_TEST_FULL=1 adds the real reruns
 (the rest of the quant.* rerun and `dvc exp run -S lora.r=8`: 20 more stage processes, ~4 more minutes).
 
 PIPELINE_TEST_PROJECT=<folder> runs the test against another checkout (default: this one).
@@ -28,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clip_qlora.backends import METHODS as METHOD_TABLE
 from clip_qlora.demo import merge  # how `make demo` lays configs/demo.yaml over params.yaml
 
 pytestmark = pytest.mark.slow
@@ -36,9 +39,9 @@ PROJECT = Path(os.environ.get("PIPELINE_TEST_PROJECT") or Path(__file__).resolve
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "src", "stages", "configs", "Makefile", "pyproject.toml")
 BIN = Path(sys.executable).parent
 
-METHODS = ["lora", "lora_gc", "qlora", "qlora_gc"]
-LORA_SIDE = ["lora", "lora_gc"]
-QLORA_SIDE = ["qlora", "qlora_gc"]
+METHODS = list(METHOD_TABLE)
+LORA_SIDE = [m for m, s in METHOD_TABLE.items() if s.base == "bf16"]
+QLORA_SIDE = [m for m, s in METHOD_TABLE.items() if s.base == "nf4"]
 DATASET = "shapes"
 SEED = 1
 BATCHES = ["2x2", "4x1"]
@@ -48,8 +51,9 @@ SCALE_ARCH = "clip-tiny"
 # make the work inside each stage negligible.
 SPEED = {
     "data": {"seeds": [SEED], "shots": 1},
-    "train": {"iterations_per_shot": 1, "batch_size": 4, "checkpoint_every": 100},
-    "eval": {"workers": 0, "batch_size": 256},
+    "train": {"iterations_per_shot": 1, "batch_size": 4},
+    "eval": {"batch_size": 256},
+    "runtime": {"checkpoint_every": 100, "eval_workers": 0},
     "profile": {"warmup": 1, "steps": 1, "batches": BATCHES, "n_classes": 2},
     # one of the demo's two tiny architectures: the stage's code path, one stage process
     "scale": {"archs": [SCALE_ARCH], "batches": ["2x1"], "n_classes": 2, "warmup": 1, "steps": 1},
@@ -66,6 +70,10 @@ BLOCKSIZE_RERUN = {"quantize@nf4", "aggregate", *(f"train@{m}-{DATASET}" for m i
                    *SCALE_SIDE}
 # what a change of lora.* must rerun: every method's train, evaluate, profile, aggregate, and the scale study
 LORA_RERUN = ALL_STAGES - {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4"}
+# result-neutral knobs, each changed: the profile measures the first three; no stage lists the last two
+RUNTIME = {"runtime.cuda_graph": False, "runtime.cublas_workspace_kib": 0, "runtime.overlap_text": False,
+           "runtime.checkpoint_every": 7, "runtime.eval_workers": 1}
+PROFILED = {"runtime.cuda_graph", "runtime.cublas_workspace_kib", "runtime.overlap_text"}
 
 STAGE_OPTIONS = {
     "prepare": ["--dataset", "--out"],
@@ -196,6 +204,16 @@ def good(pipeline):
     return pipeline
 
 
+def changed_params(status: dict) -> dict[str, set[str]]:
+    """stage -> the params.yaml keys `dvc status --json` reports changed for it."""
+    out = {}
+    for stage, entries in status.items():
+        for entry in entries:
+            if isinstance(entry, dict):
+                out.setdefault(stage, set()).update((entry.get("changed deps") or {}).get("params.yaml") or {})
+    return out
+
+
 def would_rerun(repo: Repo, dotted: str, value) -> dict:
     """Change one param, ask DVC what changed and what `dvc repro` would run, and put the file back."""
     path = repo.root / "params.yaml"
@@ -216,7 +234,38 @@ def lora_r(good):
 
 
 @pytest.fixture(scope="module")
-def blocksize(good, lora_r):
+def runtime_knobs(good, lora_r):
+    """Every runtime.* key changed at once, as `dvc status` sees it (it names each changed key per stage)."""
+    repo = good["repo"]
+    path = repo.root / "params.yaml"
+    original = path.read_text()
+    for key, value in RUNTIME.items():
+        set_param(repo.root, key, value)
+    try:
+        return json.loads(repo.dvc("status", "--json").stdout or "{}")
+    finally:
+        path.write_text(original)
+
+
+@pytest.fixture(scope="module")
+def expand_absmax(good, runtime_knobs):
+    """quant.expand_absmax true -> false for real: `dvc repro quantize@nf4` (one stage process), then what
+    the new NF4 base makes stale; afterwards the workspace is put back (git + dvc checkout, no stage runs)."""
+    repo = good["repo"]
+    set_param(repo.root, "quant.expand_absmax", False)
+    out = {"status": json.loads(repo.dvc("status", "--json").stdout or "{}")}
+    r = repo.dvc("repro", "quantize@nf4")
+    out["output"] = r.stdout + r.stderr
+    out["methods_after"] = {m: read(repo.root, f"models/methods/{m}.json") for m in METHODS}
+    out["status_after"] = json.loads(repo.dvc("status", "--json").stdout or "{}")
+    repo.git("checkout", "--", ".")
+    repo.dvc("checkout", "--force")
+    out["status_restored"] = repo.dvc("status").stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def blocksize(good, lora_r, expand_absmax):
     """quant.blocksize 64 -> 128 as DVC plans it, then for real as `dvc exp run -S quant.blocksize=128
     quantize@nf4`: only the NF4 base is rebuilt (one stage process; the stages below it are what the new
     base makes stale, read from `dvc status`), then `exp show` and `metrics diff` of that experiment."""
@@ -273,18 +322,19 @@ def test_bases(pipeline, base):
 def test_method_pointers(pipeline):
     for m in METHODS:
         p = read(pipeline["repo"].root, f"models/methods/{m}.json")
-        base = "nf4" if m.startswith("qlora") else "bf16"
-        assert p["method"] == m and p["base"] == base and p["gradient_checkpointing"] == m.endswith("_gc")
+        base = METHOD_TABLE[m].base
+        assert p["method"] == m and p["base"] == base and p["gradient_checkpointing"] == METHOD_TABLE[m].checkpointing
         assert p["dir"] == f"models/{base}" and len(p["sha256"]) == 64
+        assert p["settings"] == read(pipeline["repo"].root, f"models/{base}/base.json")["settings"]
 
 
 def test_static_metrics(pipeline):
     s = {b: read(pipeline["repo"].root, f"metrics/static/{b}.json") for b in ("bf16", "nf4")}
     for b, m in s.items():
         assert m["base"] == b
-        assert isinstance(m["static_bytes"], int) and not isinstance(m["static_bytes"], bool)
-        assert m["static_bytes"] > 0 and m["pretrained"] is False
-    assert s["nf4"]["static_bytes"] < s["bf16"]["static_bytes"]
+        assert isinstance(m["stored_base_bytes"], int) and not isinstance(m["stored_base_bytes"], bool)
+        assert m["stored_base_bytes"] > 0 and m["pretrained"] is False
+    assert s["nf4"]["stored_base_bytes"] < s["bf16"]["stored_base_bytes"]
     assert s["nf4"]["quant"]["blocksize"] == 64
 
 
@@ -317,8 +367,8 @@ def test_eval_metrics(pipeline, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_profile_metrics(pipeline, method):
     p = read(pipeline["repo"].root, f"metrics/profile/{method}.json")
-    assert {"static_bytes", "trainable_params", "device"} <= set(p)
-    assert p["static_bytes"] > 0 and p["trainable_params"] > 0
+    assert {"device_base_bytes", "trainable_params", "device"} <= set(p)
+    assert p["device_base_bytes"] > 0 and p["trainable_params"] > 0
     on_cpu = p["device"].startswith("cpu")
     for b in BATCHES:
         block = p[f"b{b}"]
@@ -350,7 +400,7 @@ def test_summary(pipeline):
 
 
 def test_report_and_plots(pipeline):
-    from clip_qlora.report import RANDOM_INIT_BANNER
+    from clip_qlora.report_md import RANDOM_INIT_BANNER
 
     root = pipeline["repo"].root
     assert RANDOM_INIT_BANNER in (root / "reports" / "results.md").read_text()
@@ -459,9 +509,37 @@ def test_metrics_diff_lists_every_method(blocksize):
         assert f"{m}_vs_lora.static_ratio" in summary, sorted(summary)
     for m in METHODS:
         assert f"metrics/eval/{m}/{DATASET}.json" in diff and f"metrics/profile/{m}.json" in diff, sorted(diff)
-    static = diff["metrics/static/nf4.json"]["static_bytes"]
+    static = diff["metrics/static/nf4.json"]["stored_base_bytes"]
     assert static["new"] != static["old"], static
-    assert diff["metrics/static/bf16.json"]["static_bytes"]["diff"] == 0
+    assert diff["metrics/static/bf16.json"]["stored_base_bytes"]["diff"] == 0
+
+
+# ---- result-neutral knobs: no training or evaluation reruns ------------------------------------------------
+
+def test_runtime_knobs_leave_train_and_evaluate_up_to_date(runtime_knobs):
+    changed = changed_params(runtime_knobs)
+    assert set(runtime_knobs) == {f"profile@{m}" for m in METHODS}, runtime_knobs
+    for stage, keys in changed.items():
+        assert keys == PROFILED, (stage, keys)  # the other two keys reach no stage at all
+
+
+# ---- quant.expand_absmax: only the NF4 side, through the method pointers ------------------------------------
+
+def test_expand_absmax_changes_only_quantize_nf4(expand_absmax):
+    assert changed_params(expand_absmax["status"]) == {"quantize@nf4": {"quant"}}, expand_absmax["status"]
+
+
+def test_expand_absmax_reruns_only_the_qlora_side(expand_absmax, good):
+    assert stages_run(expand_absmax["output"]) == {"quantize@nf4"}, expand_absmax["output"][-4000:]
+    before, after = good["methods_before"], expand_absmax["methods_after"]
+    for m in LORA_SIDE:
+        assert after[m] == before[m]
+    for m in QLORA_SIDE:
+        # the stored tensors are the same; the pointer changes through the base's settings
+        assert after[m]["sha256"] == before[m]["sha256"]
+        assert after[m]["settings"]["expand_absmax"] is False and before[m]["settings"]["expand_absmax"] is True
+    assert set(expand_absmax["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4"}, expand_absmax["status_after"]
+    assert "Data and pipelines are up to date" in expand_absmax["status_restored"], expand_absmax["status_restored"]
 
 
 # ---- lora.r 2 -> 4: train, evaluate, profile, aggregate; never prepare or quantize -----------------------

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from clip_qlora import protocol as P
-from clip_qlora.config import Params
+from clip_qlora import config
 
 SPLIT = {"draw": "clip_lora: Python random seeded with the seed, ..."}
 META = {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bfloat16"}
 
 
 def test_the_shipped_recipe_is_clip_loras():
-    rec = P.record(Params(), SPLIT, META)
+    rec = P.record(config.load_with(), SPLIT, META)
     devs = P.deviations(rec)
     assert devs[-len(P.ALWAYS):] == P.ALWAYS
     assert [d for d in devs if d not in P.ALWAYS] == [d for d in devs if d.startswith("Training images")]
@@ -17,7 +17,7 @@ def test_the_shipped_recipe_is_clip_loras():
 
 
 def test_each_departure_from_the_recipe_is_listed():
-    p = Params()
+    p = config.load_with()
     p.data.split_draw, p.train.batching, p.lora.r, p.train.decode_short_side = "keyed", "full", 8, 0
     devs = P.deviations(P.record(p, SPLIT, {**META, "activation": "gelu"}))
     extra = [d for d in devs if d not in P.ALWAYS]
@@ -30,7 +30,7 @@ def test_each_departure_from_the_recipe_is_listed():
 
 
 def test_markdown_groups_identical_records():
-    rec = P.record(Params(), SPLIT, META)
+    rec = P.record(config.load_with(), SPLIT, META)
     text = "\n".join(P.markdown({"lora/eurosat": rec, "qlora/eurosat": rec}))
     assert text.count("What ran:") == 1 and "Runs " not in text
     other = {**rec, "batching": "full"}

@@ -10,6 +10,8 @@ from clip_qlora.base import load_base, make_base, save_base
 from clip_qlora.memory import frozen_weight_bytes
 from clip_qlora.model import TextTokens, block_linears, encode_image, encode_text
 
+from conftest import NF4
+
 PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "a photo of a green star."]
 
 
@@ -60,8 +62,7 @@ def test_saved_base_reloads_identically(saved_bases, base):
 
 
 def test_reload_matches_the_model_that_was_saved(tmp_path):
-    settings = {"type": "nf4", "double_quant": True, "blocksize": 64}
-    model, meta = make_base("clip-tiny", "none", "nf4", settings, torch.float32, "cpu")
+    model, meta = make_base("clip-tiny", "none", "nf4", NF4, torch.float32, "cpu")
     save_base(model, meta, tmp_path / "nf4")
     again, _ = load_base(tmp_path / "nf4", "cpu")
     for (x, y) in zip(_features(model), _features(again)):
@@ -80,7 +81,7 @@ def test_expanded_absmax_gives_the_same_forward_and_backward_for_exact_bytes(sav
         # fp32 instead of uint8 constants, and the nested state (absmax, code book, offset) no longer needed
         extra += blocks * 4 - blocks - (qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4 + 4)
     before = frozen_weight_bytes(expanded)
-    nf4.for_training(expanded, expand_absmax=True)
+    nf4.for_training(expanded, {**NF4, "expand_absmax": True})
     assert all(not lin.weight.quant_state.nested for *_, lin in block_linears(expanded))
     assert frozen_weight_bytes(expanded) - before == extra  # (negative on clip-tiny: 1 KiB code books)
 
@@ -95,7 +96,7 @@ def test_expanded_absmax_gives_the_same_forward_and_backward_for_exact_bytes(sav
     assert grads[0][1].abs().sum() > 0
     for a, b in zip(_features(nested), _features(expanded)):
         assert torch.equal(a, b)
-    nf4.for_training(nested, expand_absmax=False)  # false leaves the double-quantized state alone
+    nf4.for_training(nested, {**NF4, "expand_absmax": False})  # false leaves the double-quantized state alone
     assert all(lin.weight.quant_state.nested for *_, lin in block_linears(nested))
 
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import clip_qlora.train as train_mod
-from clip_qlora import config, pipeline
+from clip_qlora import config
+from clip_qlora.pipeline.train import train as train_stage
 from clip_qlora.io import UserError
 
 from cli_helpers import (demo_params, invoke, project, run_stage, set_key, single_thread, start_stage,
@@ -50,7 +51,7 @@ def train_metrics(folder: Path, method: str = "lora") -> dict:
 def test_killed_training_resumes_bit_identical(tmp_path):
     # 50 x 4 shots = 200 steps, a checkpoint every 20: the kill lands well before the end
     params = demo_params({"data.seeds": [1], "train.iterations_per_shot": 50, "train.batch_size": 4,
-                          "train.checkpoint_every": 20})
+                          "runtime.checkpoint_every": 20})
     a, b = tmp_path / "a", tmp_path / "b"
     prepared(a, params)
     shutil.copytree(a, b)  # same split and base: b is the uninterrupted reference
@@ -122,7 +123,7 @@ def interrupt_at(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(train_mod, "make_micro_batches", batches)
 
 
-SHORT = {"data.seeds": [1], "train.iterations_per_shot": 5, "train.batch_size": 4, "train.checkpoint_every": 5}
+SHORT = {"data.seeds": [1], "train.iterations_per_shot": 5, "train.batch_size": 4, "runtime.checkpoint_every": 5}
 
 
 @pytest.mark.parametrize("method,base", [("qlora", "nf4"), ("lora_gc", "bf16")])
@@ -135,16 +136,16 @@ def test_interrupted_training_resumes_bit_identical_in_process(tmp_path, monkeyp
     ckpt = Path(f".ckpt/train/{method}/shapes/seed1.pt")
 
     with project(b), single_thread():
-        reference = pipeline.train(config.load(), method, "shapes")
+        reference = train_stage(config.load(), method, "shapes")
     with project(a), single_thread():
         p = config.load()
         interrupt_at(monkeypatch, 13)
         with pytest.raises(Interrupted):
-            pipeline.train(p, method, "shapes")
+            train_stage(p, method, "shapes")
         monkeypatch.undo()
         assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 10
         assert all_files(Path("adapters")) == [] and not Path("metrics/train").exists()
-        resumed = pipeline.train(p, method, "shapes")
+        resumed = train_stage(p, method, "shapes")
         assert not ckpt.exists()
     assert resumed["per_seed"]["1"]["resumed_from"] == 10
     assert reference["per_seed"]["1"]["resumed_from"] == 0
@@ -167,7 +168,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, monkeypatch, key,
     with project(tmp_path), single_thread():
         interrupt_at(monkeypatch, 13)
         with pytest.raises(Interrupted):
-            pipeline.train(config.load(), "lora", "shapes")
+            train_stage(config.load(), "lora", "shapes")
         monkeypatch.undo()
         assert CKPT.exists()
         if key == "data.shots":  # the split must follow, as `dvc repro` would rerun prepare first
@@ -175,7 +176,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, monkeypatch, key,
             assert invoke("prepare", "--dataset", "shapes").exit_code == 0
         write_params(Path("."), set_key(params, key, value))
         try:
-            m = pipeline.train(config.load(), "lora", "shapes")
+            m = train_stage(config.load(), "lora", "shapes")
         except UserError as e:  # refusing with a line that says what to do is fine
             assert ".ckpt" in str(e) or "checkpoint" in str(e)
             return

@@ -99,8 +99,8 @@ def test_frozen_bytes_of_the_records_are_exact(arch):
     bf16, nf4 = _expected_frozen(ref)
     with single_thread():
         rec = scale.measure_arch(p, arch, "cpu")
-    assert rec["methods"]["lora"]["b2x2"]["static_bytes"] == bf16
-    assert rec["methods"]["qlora"]["b2x2"]["static_bytes"] == nf4
+    assert rec["methods"]["lora"]["b2x2"]["device_base_bytes"] == bf16
+    assert rec["methods"]["qlora"]["b2x2"]["device_base_bytes"] == nf4
     # trainable: r=2 A and B matrices on q, k, v of every block of both towers, fp32
     lora = sum(2 * 2 * lin.in_features for name, _, attr, lin in block_linears(ref) if attr in ("q_proj", "k_proj",
                                                                                                  "v_proj"))
@@ -141,7 +141,7 @@ def test_record_structure(tiny_record):
         for spec in ("b2x2",):
             c = entry[spec]
             assert c["fits"] is True and c["step_mode"] == "eager" and c["step_ms"] > 0
-            assert c["static_bytes"] > 0 and c["saved_activation_bytes"] > 0 and c["trainable_params"] > 0
+            assert c["device_base_bytes"] > 0 and c["saved_activation_bytes"] > 0 and c["trainable_params"] > 0
             # off CUDA the allocator and the driver say nothing
             for k in ("peak_allocated_bytes", "peak_reserved_bytes", "driver_bytes", "driver_eager_bytes",
                       "driver_context_bytes", "memory_allocated_bytes", "baseline_allocated_bytes"):
@@ -255,7 +255,7 @@ def _synthetic(folder, sizes_gib: dict, methods=("lora", "lora_gc", "qlora", "ql
         for m in methods:
             static = (i + 1) * (GIB // 4 if m.startswith("qlora") else GIB)
             c = ({"fits": False, "gpu_gib": 139.8} if (arch, m) in oom else
-                 {"fits": True, "static_bytes": static, "driver_bytes": int(per_method[m] * GIB),
+                 {"fits": True, "device_base_bytes": static, "driver_bytes": int(per_method[m] * GIB),
                   "peak_allocated_bytes": int(per_method[m] * GIB) - GIB // 2, "peak_reserved_bytes": None,
                   "saved_activation_bytes": 1000, "trainable_params": 10, "step_ms": 10.0 * (i + 1),
                   "step_mode": "cuda_graph", "base_build_seconds": 1.5})

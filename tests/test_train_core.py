@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from clip_qlora.data.images import TrainImages
 from clip_qlora.train import batch_indices, build_run, loss_on, optimizer_step
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
@@ -140,10 +141,10 @@ def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_pa
 def test_cublas_workspace_goes_to_torchs_variables(saved_bases, tiny_params, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
-    tiny_params.train.cublas_workspace_kib = 0
+    tiny_params.runtime.cublas_workspace_kib = 0
     _run(saved_bases, tiny_params, "lora")  # 0: torch's defaults stay untouched
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and "CUBLASLT_WORKSPACE_SIZE" not in os.environ
-    tiny_params.train.cublas_workspace_kib = 1024
+    tiny_params.runtime.cublas_workspace_kib = 1024
     _run(saved_bases, tiny_params, "lora")
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":1024:1" and os.environ["CUBLASLT_WORKSPACE_SIZE"] == "1024"
 
@@ -191,15 +192,24 @@ def test_precomputed_prompt_embeddings_give_the_same_class_features(saved_bases,
     assert frozen_weight_bytes(run.model, "cuda") == 0
 
 
-def test_expanded_absmax_trains_identically(saved_bases, tiny_params):
+def test_expanded_absmax_trains_identically(saved_bases, tiny_params, tmp_path):
+    """quant.expand_absmax reaches training through the saved base's settings (so the method pointers change
+    with it) and changes no gradient."""
+    import json
+    import shutil
+
     import bitsandbytes as bnb
 
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3])
+    shutil.copytree(saved_bases["nf4"], tmp_path / "nf4")
+    meta = json.loads((tmp_path / "nf4" / "base.json").read_text())
+    assert meta["settings"]["expand_absmax"] is True
+    meta["settings"]["expand_absmax"] = False
+    (tmp_path / "nf4" / "base.json").write_text(json.dumps(meta))
     grads = {}
     for expand in (False, True):
-        tiny_params.train.expand_absmax = expand
-        run = _run(saved_bases, tiny_params, "qlora_gc")
+        run = _run({"nf4": saved_bases["nf4"] if expand else tmp_path / "nf4"}, tiny_params, "qlora_gc")
         linears = [m for m in run.clip.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert linears and all(m.weight.quant_state.nested != expand for m in linears)
         grads[expand] = _grads(run, images, labels)
@@ -217,3 +227,28 @@ def test_the_seed_sets_the_adapter_initialisation(saved_bases, tiny_params):
     one = lora_a(1)
     assert torch.equal(one, lora_a(1))
     assert not torch.equal(one, lora_a(2))
+
+
+def test_resume_fingerprint_ignores_runtime_knobs_only(tiny_params):
+    """A checkpoint written with other runtime knobs is resumed (they change no number); any other change
+    to what training computes (a train.* value, the base's settings) discards it."""
+    import copy
+
+    from clip_qlora.train import run_fingerprint
+
+    meta = {"arch": "clip-tiny", "base": "nf4", "settings": {"expand_absmax": True}}
+    images = TrainImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [(4, 4), (4, 4)], torch.tensor([0, 1]))
+
+    def fingerprint(params, meta=meta):
+        return run_fingerprint(params, "qlora", 1, meta, images)
+
+    reference = fingerprint(tiny_params)
+    for key, value in (("cuda_graph", False), ("cublas_workspace_kib", 0), ("overlap_text", False),
+                       ("checkpoint_every", 7), ("eval_workers", 3)):
+        p = copy.deepcopy(tiny_params)
+        setattr(p.runtime, key, value)
+        assert fingerprint(p) == reference, key
+    p = copy.deepcopy(tiny_params)
+    p.train.lr *= 2
+    assert fingerprint(p) != reference
+    assert fingerprint(tiny_params, {**meta, "settings": {"expand_absmax": False}}) != reference

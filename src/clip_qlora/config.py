@@ -4,15 +4,18 @@ Each bad value gives one line naming the key, the value and what is allowed (rai
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import archs
 from .io import UserError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -27,60 +30,62 @@ BATCHINGS = ("epochs", "full")
 SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py DRAWS; repeated here so params load imports no data code
 
 
+# The schema: every key, its type, no values. params.yaml is the one home of every value: DVC hashes only what is
+# in params.yaml, so a default written here could change results without DVC noticing (and would drift from
+# params.yaml). A key missing from a params file is an error naming it. A new key is one line in params.yaml,
+# its field here and its check in `validate`.
+
+
 @dataclass
 class Data:
-    root: str = "data/raw"
-    shots: int = 4
-    seeds: list = field(default_factory=lambda: [1, 2, 3])
-    download: bool = False
-    template: str = "clip"
-    split_draw: str = "clip_lora"
+    root: str
+    shots: int
+    seeds: list
+    download: bool
+    template: str
+    split_draw: str
 
 
 @dataclass
 class Model:
-    arch: str = "ViT-B-16"
-    pretrained: str = "openai"
-    compute_dtype: str = "auto"
-    device: str = "auto"
-    quick_gelu: Any = "auto"
+    arch: str
+    pretrained: str
+    compute_dtype: str
+    device: str
+    quick_gelu: Any
 
 
 @dataclass
 class Quant:
-    type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
+    type: str
+    double_quant: bool
+    blocksize: int
+    expand_absmax: bool
 
 
 @dataclass
 class Lora:
-    r: int = 2
-    alpha: float = 1
-    dropout: float = 0.25
-    targets: list = field(default_factory=lambda: ["q", "k", "v"])
-    towers: list = field(default_factory=lambda: ["vision", "text"])
-    layers: Any = "all"
-    scaling: str = "rslora"
+    r: int
+    alpha: float
+    dropout: float
+    targets: list
+    towers: list
+    layers: Any
+    scaling: str
 
 
 @dataclass
 class Train:
-    iterations_per_shot: int = 500
-    batch_size: int = 32
-    grad_accum: int = 1
-    batching: str = "epochs"
-    decode_short_side: float = 2.0
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    schedule: str = "cosine"
-    min_lr: float = 1e-6
-    logit_scale: float = 100.0
-    checkpoint_every: int = 500
-    cuda_graph: bool = True
-    cublas_workspace_kib: int = 1024
-    expand_absmax: bool = True
-    overlap_text: bool = True
+    iterations_per_shot: int
+    batch_size: int
+    grad_accum: int
+    batching: str
+    decode_short_side: float
+    lr: float
+    weight_decay: float
+    schedule: str
+    min_lr: float
+    logit_scale: float
 
     @property
     def micro_batch(self) -> int:
@@ -89,41 +94,50 @@ class Train:
 
 @dataclass
 class Eval:
-    batch_size: int = 128
-    workers: int = 2
+    batch_size: int
+
+
+@dataclass
+class Runtime:
+    """Knobs that change speed and memory, never a trained or evaluated number (see params.yaml, dvc.yaml)."""
+    cuda_graph: bool
+    cublas_workspace_kib: int
+    overlap_text: bool
+    checkpoint_every: int
+    eval_workers: int
 
 
 @dataclass
 class Profile:
-    batches: list = field(default_factory=lambda: ["4x8", "32x1"])
-    n_classes: int = 100
-    warmup: int = 3
-    steps: int = 20
+    batches: list
+    n_classes: int
+    warmup: int
+    steps: int
 
 
 @dataclass
 class Scale:
-    archs: list = field(default_factory=lambda: ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-g-14",
-                                                 "ViT-bigG-14"])
-    batches: list = field(default_factory=lambda: ["4x8", "32x1"])
-    n_classes: int = 100
-    warmup: int = 1
-    steps: int = 5
-    gpu_gib: list = field(default_factory=lambda: [8, 12, 16, 24, 48, 80])
+    archs: list
+    batches: list
+    n_classes: int
+    warmup: int
+    steps: int
+    gpu_gib: list
 
 
 @dataclass
 class Params:
-    datasets: list = field(default_factory=list)
-    methods: list = field(default_factory=lambda: ["lora", "lora_gc", "qlora", "qlora_gc"])
-    data: Data = field(default_factory=Data)
-    model: Model = field(default_factory=Model)
-    quant: Quant = field(default_factory=Quant)
-    lora: Lora = field(default_factory=Lora)
-    train: Train = field(default_factory=Train)
-    eval: Eval = field(default_factory=Eval)
-    profile: Profile = field(default_factory=Profile)
-    scale: Scale = field(default_factory=Scale)
+    datasets: list
+    methods: list
+    data: Data
+    model: Model
+    quant: Quant
+    lora: Lora
+    train: Train
+    eval: Eval
+    runtime: Runtime
+    profile: Profile
+    scale: Scale
 
 
 def _bad(key: str, value: Any, allowed: str) -> UserError:
@@ -176,21 +190,31 @@ def _batch_spec(key, v):
     return v
 
 
+def _missing(key: str) -> UserError:
+    return UserError(f"params: missing key {key}: every key must be set in the params file "
+                     f"(there are no defaults elsewhere; the study's params.yaml lists each one)")
+
+
 def _build(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         raise _bad(prefix, raw, "a mapping")
-    names = {f.name for f in fields(cls)}
+    names = [f.name for f in fields(cls)]
     for k in raw:
         if k not in names:
             raise UserError(f"params: unknown key {prefix}.{k} (a typo?); known keys of {prefix}: "
                             f"{', '.join(sorted(names))}")
+    for k in names:
+        if k not in raw:
+            raise _missing(f"{prefix}.{k}")
     return cls(**raw)
 
 
-def validate(p: Params, known_datasets, known_archs) -> Params:
-    from .backends import METHODS  # late import: backends pull in bitsandbytes
+def validate(p: Params) -> Params:
+    """Check every value against what the code accepts; raise one line naming the first bad key."""
+    from .backends import METHODS  # the table only: backend modules (bitsandbytes) are imported on use
+    from .data.registry import DATASETS
 
-    _subset("datasets", p.datasets, tuple(known_datasets))
+    _subset("datasets", p.datasets, tuple(DATASETS))
     _subset("methods", p.methods, tuple(METHODS))
     d = p.data
     if not isinstance(d.root, str) or not d.root:
@@ -204,7 +228,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     _choice("data.template", d.template, TEMPLATES)
     _choice("data.split_draw", d.split_draw, SPLIT_DRAWS)
     m = p.model
-    _choice("model.arch", m.arch, tuple(known_archs))
+    _choice("model.arch", m.arch, tuple(archs.configs()))
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
@@ -216,6 +240,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     _choice("quant.type", q.type, QUANT_TYPES)
     _bool("quant.double_quant", q.double_quant)
     _choice("quant.blocksize", q.blocksize, BLOCKSIZES)
+    _bool("quant.expand_absmax", q.expand_absmax)
     lo = p.lora
     _int("lora.r", lo.r)
     lo.alpha = _num("lora.alpha", lo.alpha)
@@ -228,7 +253,7 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
         if (not isinstance(lo.layers, list) or not lo.layers
                 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in lo.layers)):
             raise _bad("lora.layers", lo.layers, "'all' or a non-empty list of block indices >= 0")
-        depth = min(_tower_depths(m.arch, lo.towers))
+        depth = min(archs.tower_depth(m.arch, t) for t in lo.towers)
         if max(lo.layers) >= depth:
             raise _bad("lora.layers", lo.layers, f"block indices below {depth} ({m.arch} has {depth} blocks "
                                                  f"in the smallest adapted tower)")
@@ -252,13 +277,13 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     if t.min_lr > t.lr:
         raise _bad("train.min_lr", t.min_lr, f"at most train.lr ({t.lr})")
     t.logit_scale = _num("train.logit_scale", t.logit_scale)
-    _int("train.checkpoint_every", t.checkpoint_every)
-    _bool("train.cuda_graph", t.cuda_graph)
-    _int("train.cublas_workspace_kib", t.cublas_workspace_kib, lo=0)
-    _bool("train.expand_absmax", t.expand_absmax)
-    _bool("train.overlap_text", t.overlap_text)
     _int("eval.batch_size", p.eval.batch_size)
-    _int("eval.workers", p.eval.workers, lo=0)
+    r = p.runtime
+    _bool("runtime.cuda_graph", r.cuda_graph)
+    _int("runtime.cublas_workspace_kib", r.cublas_workspace_kib, lo=0)
+    _bool("runtime.overlap_text", r.overlap_text)
+    _int("runtime.checkpoint_every", r.checkpoint_every)
+    _int("runtime.eval_workers", r.eval_workers, lo=0)
     pr = p.profile
     if not isinstance(pr.batches, list) or not pr.batches:
         raise _bad("profile.batches", pr.batches, "a non-empty list like ['4x8', '32x1']")
@@ -267,19 +292,19 @@ def validate(p: Params, known_datasets, known_archs) -> Params:
     _int("profile.n_classes", pr.n_classes, lo=2)
     _int("profile.warmup", pr.warmup, lo=1)
     _int("profile.steps", pr.steps)
-    _validate_scale(p.scale, known_archs, lo.layers if lo.layers != "all" else None, lo.towers)
+    _validate_scale(p.scale, lo.layers if lo.layers != "all" else None, lo.towers)
     return p
 
 
-def _validate_scale(sc: Scale, known_archs, layers: list | None, towers: list) -> None:
+def _validate_scale(sc: Scale, layers: list | None, towers: list) -> None:
     if not isinstance(sc.archs, list) or not sc.archs or len(set(map(str, sc.archs))) != len(sc.archs):
         raise _bad("scale.archs", sc.archs, "a non-empty list of distinct open_clip architectures")
-    known = set(known_archs)
+    known = archs.configs()
     for a in sc.archs:
         if not isinstance(a, str) or a not in known:
             raise _bad("scale.archs", a, "open_clip architectures such as ViT-B-16, or the shipped clip-tiny, "
                                          "clip-tiny-wide")
-        depth = min(_tower_depths(a, towers))
+        depth = min(archs.tower_depth(a, t) for t in towers)
         if layers is not None and max(layers) >= depth:
             raise _bad("lora.layers", layers, f"block indices below {depth} (scale.archs has {a}, {depth} blocks "
                                               f"in the smallest adapted tower)")
@@ -300,46 +325,56 @@ def _validate_scale(sc: Scale, known_archs, layers: list | None, towers: list) -
         raise _bad("scale.gpu_gib", sizes, "a non-empty increasing list of GPU sizes in GiB, e.g. [8, 16, 24]")
 
 
-def _tower_depths(arch: str, towers: list) -> list[int]:
-    import open_clip
-
-    cfg = open_clip.get_model_config(arch) or {}
-    keys = {"vision": "vision_cfg", "text": "text_cfg"}
-    return [int(cfg.get(keys[t], {}).get("layers", 12)) for t in towers]
-
-
 def parse(raw: Any) -> Params:
-    """Turn the loaded YAML mapping into Params, refusing unknown keys (likely typos)."""
+    """Turn the loaded YAML mapping into Params, refusing unknown keys (likely typos) and missing ones."""
     if not isinstance(raw, dict):
         raise UserError("params: the file must hold a mapping of groups (datasets, methods, data, ...)")
     top = {f.name: f for f in fields(Params)}
-    kw = {}
-    for k, v in raw.items():
+    groups = {k: v for k, v in typing.get_type_hints(Params).items() if dataclasses.is_dataclass(v)}
+    for k in raw:
         if k not in top:
             raise UserError(f"params: unknown key {k} (a typo?); known keys: {', '.join(top)}")
-        ftype = top[k].default_factory() if top[k].default_factory is not dataclasses.MISSING else None
-        kw[k] = _build(type(ftype), v, k) if dataclasses.is_dataclass(ftype) else v
+    kw = {}
+    for k in top:
+        if k not in raw:
+            raise _missing(k)
+        kw[k] = _build(groups[k], raw[k], k) if k in groups else raw[k]
     return Params(**kw)
 
 
-def load(path: str | Path = "params.yaml") -> Params:
-    """Read, parse and validate params; the only entry point stages use."""
-    path = Path(path)
+def _read(path: Path) -> Any:
     if not path.exists():
         raise UserError(f"{path}: params file not found (run from the project folder or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path}: malformed YAML{where}") from None
-    params = parse(raw)  # typos and unknown keys fail here, before the heavy imports below
-    from .data import DATASETS
-    from .model import register_configs
-    import open_clip
 
-    register_configs()
-    return validate(params, DATASETS, open_clip.list_models())
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read, parse and validate params; the only entry point stages use."""
+    return validate(parse(_read(Path(path))))
+
+
+# The study's params.yaml in a source checkout (src/clip_qlora/config.py -> the project root).
+STUDY_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def load_with(overrides: dict[str, Any] | None = None, path: str | Path = STUDY_PARAMS) -> Params:
+    """The study's params.yaml with dotted-key overrides ({"model.arch": "clip-tiny", "datasets": [...]}),
+    parsed and validated like `load`: how tests and benchmarks get params without a second set of defaults."""
+    raw = copy.deepcopy(_read(Path(path)))
+    for key, value in (overrides or {}).items():
+        *groups, last = key.split(".")
+        node = raw
+        for g in groups:
+            if not isinstance(node.get(g), dict):
+                raise UserError(f"params: override {key}: {g} is not a group of {path}")
+            node = node[g]
+        node[last] = value
+    return validate(parse(raw))
 
 
 def require_member(key: str, value: str, allowed) -> None:

@@ -45,7 +45,14 @@ def prepare_dir(project: Path, dest: Path, overrides: Path) -> None:
 
 
 def env_for(dest: Path) -> dict:
+    """The environment `dvc repro` runs in: the stages import the copy in `dest`, not the checkout's code.
+
+    Absolute paths: DVC runs each stage with `dest` as its working folder, where a relative `runs/demo/src`
+    would name runs/demo/runs/demo/src, which does not exist, and Python would fall back on the editable
+    install of the checkout without a word.
+    """
     env = dict(os.environ)
+    dest = Path(dest).resolve()
     env["PYTHONPATH"] = f"{dest / 'src'}{os.pathsep}{dest}"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("HF_HUB_OFFLINE", "1")  # the demo needs nothing from a hub

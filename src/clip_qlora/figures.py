@@ -10,25 +10,23 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from clip_qlora.io import atomic_path
+from .backends import METHODS
+from .io import atomic_path
+from .report_inputs import GIB
 
-GIB = 1024**3
-
-# One colour per method, consistent across figures: the two bf16 methods in blues, the two NF4 ones in
-# oranges, the gradient-checkpointing variant a lighter shade of its base.
-METHOD_COLOURS = {
-    "lora": "#1f77b4",
-    "lora_gc": "#9ecae1",
-    "qlora": "#e6550d",
-    "qlora_gc": "#fdae6b",
-}
+# One colour per method, consistent across figures: by base (bf16 in blues, NF4 in oranges), the gradient-
+# checkpointing variant a lighter shade of its base. Methods of another base take the fallback colours.
+BASE_COLOURS = {"bf16": ("#1f77b4", "#9ecae1"), "nf4": ("#e6550d", "#fdae6b")}
 _FALLBACK = ["#31a354", "#a1d99b", "#756bb1", "#bcbddc", "#636363"]
 # Hatches tell the bar kinds apart in the memory figure independently of colour.
 _HATCHES = ["", "//", "..", "xx", "\\\\", "++", "oo"]
 
 
 def _colour(method: str, i: int) -> str:
-    return METHOD_COLOURS.get(method, _FALLBACK[i % len(_FALLBACK)])
+    spec = METHODS.get(method)
+    if spec is not None and spec.base in BASE_COLOURS:
+        return BASE_COLOURS[spec.base][spec.checkpointing]
+    return _FALLBACK[i % len(_FALLBACK)]
 
 
 def _title(text: str, pretrained: bool, accuracy: bool = False) -> str:

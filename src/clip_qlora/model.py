@@ -17,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from .archs import CONFIG_DIR
 from .io import UserError
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Random-init weights must be the same in both arms (and across stages), so they come from a fixed seed.
 INIT_SEED = 0
 BLOCK_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")

@@ -61,7 +61,7 @@ def median_step_ms(step, n: int, device: str, seed0: int = 0) -> float:
 
 def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
             device: str) -> dict:
-    """Static bytes, saved-activation bytes, allocator peaks and median step time of one configuration."""
+    """Base bytes on the device, saved-activation bytes, allocator peaks and median step time of one configuration."""
     prompts = synthetic_prompts(n_classes)
     return measure_run(lambda total: build_run(base_dir, params, method, prompts, device, total), params,
                        micro, accum, n_classes, warmup, steps, device)
@@ -104,7 +104,7 @@ def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup
     driver = DriverMemory(device)
     driver_eager = driver.read()
     # Time with the step training runs (a CUDA graph where possible).
-    step, mode = make_step(run, batches, params.train.cuda_graph)
+    step, mode = make_step(run, batches, params.runtime.cuda_graph)
     for i in range(warmup):
         torch.manual_seed(1 + warmup + steps + i)
         step(batches)
@@ -113,7 +113,7 @@ def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup
     # step's own memory pool on top (what nvidia-smi shows during `train`).
     driver_bytes = driver.read()
     tb = trainable_bytes(run.model, run.optimizer)
-    out = {"static_bytes": frozen_weight_bytes(run.model, device),
+    out = {"device_base_bytes": frozen_weight_bytes(run.model, device),
            "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
            "trainable_params": tb["trainable_params"],
            "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],

@@ -66,8 +66,8 @@ def _free(device: str) -> None:
 
 def measure_config(params, arch: str, method: str, spec: str, device: str) -> tuple[dict, dict]:
     """One (architecture, method, batch configuration) in this process: (its record, the device it ran on)."""
-    set_cublas_workspace(params.train.cublas_workspace_kib)  # before the first matmul of the process
-    base, _ = METHODS[method]
+    set_cublas_workspace(params.runtime.cublas_workspace_kib)  # before the first matmul of the process
+    base = METHODS[method].base
     dtype = resolve_dtype(params.model.compute_dtype, device)
     settings = backends.get(base).settings(params)
     micro, accum = parse_batch(spec)
@@ -111,7 +111,7 @@ def measure_arch(params, arch: str, device: str, on_result=None, keep_going: boo
               "versions": versions(), "methods": {}}
     with FreshProcesses(device, WARM) as call:
         for method in params.methods:
-            base, gc_ = METHODS[method]
+            base, gc_ = METHODS[method].base, METHODS[method].checkpointing
             entry = record["methods"].setdefault(method, {"base": base, "gradient_checkpointing": gc_})
             for spec in s.batches:
                 t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def _frozen(records, methods, base):
     """Frozen bytes per architecture of one base, from any configuration measured on it (batch-independent)."""
     xs, ys = [], []
     for r in records:
-        got = [c["static_bytes"] for (m, _), c in r["configs"].items()
+        got = [c["device_base_bytes"] for (m, _), c in r["configs"].items()
                if r["methods"][m]["base"] == base and m in methods and c.get("fits")]
         if got:
             xs.append(r["params"])

@@ -50,10 +50,10 @@ def _config(rec: dict, method: str, spec: str, where: str) -> dict:
         if c.get("gpu_gib") is not None and not isinstance(c["gpu_gib"], (int, float)):
             raise UserError(f"{where}: 'gpu_gib' must be a number or null")
         return c
-    for key in ("static_bytes", "trainable_params", *MEMORY_FIELDS):
+    for key in ("device_base_bytes", "trainable_params", *MEMORY_FIELDS):
         _int_or_none(c, key, where)
-    if c.get("static_bytes") is None:
-        raise UserError(f"{where}: 'static_bytes' missing")
+    if c.get("device_base_bytes") is None:
+        raise UserError(f"{where}: 'device_base_bytes' missing")
     step = c.get("step_ms")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
         raise UserError(f"{where}: 'step_ms' must be a positive number, got {step!r}")
@@ -197,9 +197,9 @@ def payoff_sentences(records: list[dict], methods: list[str], batches: list[str]
         b = batches[0]
         cq, cl = big["configs"][q, b], big["configs"][l, b]
         if cq.get("fits") and cl.get("fits"):
-            saved = cl["static_bytes"] - cq["static_bytes"]
-            line = (f"At {big['arch']}, the frozen base takes {_gib(cl['static_bytes'])} GiB on the GPU for {l} and "
-                    f"{_gib(cq['static_bytes'])} GiB for {q} ({cq['static_bytes'] / cl['static_bytes']:.3f} of it): "
+            saved = cl["device_base_bytes"] - cq["device_base_bytes"]
+            line = (f"At {big['arch']}, the frozen base takes {_gib(cl['device_base_bytes'])} GiB on the GPU for {l} and "
+                    f"{_gib(cq['device_base_bytes'])} GiB for {q} ({cq['device_base_bytes'] / cl['device_base_bytes']:.3f} of it): "
                     f"{_gib(saved)} GiB saved")
             if cl.get("driver_bytes") and cq.get("driver_bytes"):
                 line += (f"; the driver reports {_gib(cl['driver_bytes'])} and {_gib(cq['driver_bytes'])} GiB at {b} "
@@ -265,7 +265,7 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
             c = r["configs"][m, batches[0]]
             base = r["methods"][m]["base"]
             if c.get("fits") and base not in fb:
-                fb[base] = c["static_bytes"]
+                fb[base] = c["device_base_bytes"]
         rows.append([r["arch"], f"{r['params'] / 1e6:,.0f} M", _gib(fb.get("bf16")), _gib(fb.get("nf4")),
                      "n/a" if "bf16" not in fb or "nf4" not in fb else f"{fb['nf4'] / fb['bf16']:.3f}"])
     lines += _table(["architecture", "parameters", "frozen bf16 base GiB", "frozen NF4 base GiB", "NF4/bf16"], rows)
@@ -297,7 +297,7 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
                     rows.append([r["arch"], m, f"out of memory on {c.get('gpu_gib')} GiB", *[""] * 6])
                 else:
                     rows.append([r["arch"], m, _gib(c.get("driver_bytes")), _gib(c.get("peak_allocated_bytes")),
-                                 _gib(c.get("peak_reserved_bytes")), _gib(c["static_bytes"]),
+                                 _gib(c.get("peak_reserved_bytes")), _gib(c["device_base_bytes"]),
                                  _gib(c.get("saved_activation_bytes")), f"{c['step_ms']:.1f}",
                                  str(c.get("step_mode", ""))])
         lines += [f"### {b}", ""]
@@ -351,7 +351,7 @@ def plot_records(records: list[dict], methods: list[str], batch: str) -> tuple[l
             if not c.get("fits"):
                 continue
             for name, key in ((m, "driver_bytes"), (f"{m}_allocated", "peak_allocated_bytes"),
-                              (f"frozen_{r['methods'][m]['base']}", "static_bytes")):
+                              (f"frozen_{r['methods'][m]['base']}", "device_base_bytes")):
                 if c.get(key) is not None:
                     mem[name] = round(c[key] / GIB, 4)
             st[m] = round(c["step_ms"], 3)

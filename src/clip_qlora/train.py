@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from . import adapters as ad
 from . import backends
-from .backends import METHODS
 from .base import load_base
 from .blocks import BlockDropout
 from .io import UserError, atomic_dir, atomic_path
@@ -50,7 +49,7 @@ class Run:
     std: tuple
     meta: dict                  # the saved base's description
     blocks: BlockDropout        # per-block dropout generators (and checkpointing for the _gc methods)
-    text_stream: torch.cuda.Stream | None = None  # CUDA, train.overlap_text: the text tower's stream
+    text_stream: torch.cuda.Stream | None = None  # CUDA, runtime.overlap_text: the text tower's stream
     step: int = 0               # optimizer steps taken
     _text_cache: torch.Tensor | None = None
 
@@ -111,9 +110,9 @@ def build_run(base_dir: str | Path, params, method: str, prompts: list[str], dev
 def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: list[str], device: str,
                  total_steps: int, adapter_dir: str | Path | None = None, seed: int = 0) -> Run:
     """`build_run` on a base already in memory (tests and benchmarks that skip the save/load)."""
-    set_cublas_workspace(params.train.cublas_workspace_kib)
-    _, gc = METHODS[method]
-    backends.get(meta["base"]).for_training(model, params.train.expand_absmax)
+    set_cublas_workspace(params.runtime.cublas_workspace_kib)
+    gc = backends.METHODS[method].checkpointing
+    backends.get(meta["base"]).for_training(model, meta["settings"])
     # Seeded here, after the base is built: building a base re-seeds with the fixed init seed (model.INIT_SEED),
     # which would otherwise give every seed the same lora_A.
     torch.manual_seed(seed)
@@ -140,7 +139,7 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     clip.token_embedding.to("cpu")
     return Run(peft_model, clip, tokens, text_input, ad.text_has_adapters(params.lora), optimizer, lr_at,
                getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta, blocks,
-               text_stream=torch.cuda.Stream(device=device) if cuda and t.overlap_text else None)
+               text_stream=torch.cuda.Stream(device=device) if cuda and params.runtime.overlap_text else None)
 
 
 def set_cublas_workspace(kib: int) -> None:
@@ -346,7 +345,7 @@ def batch_indices(n: int, batch: int, seed: int, step: int, batching: str = "epo
 def make_micro_batches(run: Run, images, seed: int, step: int, micro: int, accum: int, batching: str = "epochs"):
     """The step's batch, augmented, as micro-batches of `micro` images (a short batch gives fewer, or a
     smaller last one). All of its randomness comes from (seed, step), drawn on the host."""
-    from .data import augment
+    from .data.images import augment
 
     idx = batch_indices(len(images), micro * accum, seed, step, batching)
     gen = torch.Generator().manual_seed(_step_seed(seed, step))
@@ -361,13 +360,14 @@ def make_micro_batches(run: Run, images, seed: int, step: int, micro: int, accum
 
 def run_fingerprint(params, method: str, seed: int, meta: dict, images) -> str:
     """What a checkpoint must match to be resumed: method, seed, adapter and optimisation settings, the base
-    and the exact training images. A checkpoint left by other params is discarded, never continued."""
+    and the exact training images. A checkpoint left by other params is discarded, never continued; one left
+    with other `runtime` knobs (CUDA graph, checkpoint interval, ...) is continued, as they change no number."""
     import dataclasses
     import hashlib
     import json
 
-    train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in ("checkpoint_every", "cuda_graph")}
-    h = hashlib.sha256(json.dumps([method, seed, params.data.shots, dataclasses.asdict(params.lora), train, meta],
+    h = hashlib.sha256(json.dumps([method, seed, params.data.shots, dataclasses.asdict(params.lora),
+                                   dataclasses.asdict(params.train), meta],
                                   sort_keys=True, default=str).encode())
     h.update(images.pixels.cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(images.sizes).encode())
@@ -434,9 +434,9 @@ def train_seed(params, method: str, base_dir, prompts, images, seed: int, device
                 loss = optimizer_step(run, batches)
         else:
             if step_fn is None:
-                step_fn, mode = make_step(run, batches, t.cuda_graph)
+                step_fn, mode = make_step(run, batches, params.runtime.cuda_graph)
             loss = step_fn(batches)
-        ckpt_due = (step + 1) % t.checkpoint_every == 0 and step + 1 < steps
+        ckpt_due = (step + 1) % params.runtime.checkpoint_every == 0 and step + 1 < steps
         if (step + 1) % window == 0 or step + 1 == steps or ckpt_due:
             value = float(loss)  # syncs the device, so only once per window (and before a checkpoint)
             if not math.isfinite(value):

@@ -17,7 +17,7 @@ def prepare_for_load(model: nn.Module, settings, compute_dtype) -> nn.Module:
     return model
 
 
-def for_training(model: nn.Module, expand_absmax: bool) -> nn.Module:
+def for_training(model: nn.Module, settings) -> nn.Module:
     """Nothing is quantized: nothing to prepare."""
     return model
 

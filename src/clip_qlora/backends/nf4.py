@@ -14,7 +14,8 @@ from ..model import block_linears
 
 def settings(params) -> dict:
     q = params.quant
-    return {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize}
+    return {"type": q.type, "double_quant": q.double_quant, "blocksize": q.blocksize,
+            "expand_absmax": q.expand_absmax}
 
 
 def _empty_linear4bit(lin: nn.Linear, s: dict, compute_dtype) -> Linear4bit:
@@ -76,16 +77,17 @@ def load_quantized(model: nn.Module, state: dict, device) -> set[str]:
     return used
 
 
-def for_training(model: nn.Module, expand_absmax: bool) -> nn.Module:
-    """Optionally trade a little memory for fewer kernels per step (the saved base is not touched).
+def for_training(model: nn.Module, s: dict) -> nn.Module:
+    """Optionally (`expand_absmax`) trade a little memory for fewer kernels per step (the saved base is not touched).
 
     With double quantization every dequantisation of a weight first dequantises its 8-bit absmax constants
     (two more kernels), and a training step dequantises each weight two or three times (forward, backward,
     and the checkpoint's recomputation). The constants never change, so `expand_absmax` dequantises them once,
     here, and keeps them in fp32: the values bitsandbytes would compute each time, bit for bit, at the cost of
-    the memory double quantization saved (3 bytes per 64 weights: 5.5 MiB on ViT-B/16).
+    the memory double quantization saved (3 bytes per 64 weights: 5.5 MiB on ViT-B/16). The setting is part of
+    the saved base's settings, so the method pointers (and with them only the NF4 side) change with it.
     """
-    if not expand_absmax:
+    if not s["expand_absmax"]:
         return model
     for _, _, _, q in block_linears(model):
         qs = q.weight.quant_state

@@ -1,8 +1,6 @@
-"""The data layer: dataset registry, k-shot split files, image decoding, augmentation and the test loader."""
-from .images import augment, eval_loader, load_train_images, eval_batches
-from .layouts import Partition
-from .registry import DATASETS, DatasetSpec
-from .splits import class_prompts, load_split, prepare_split, write_split, zero_shot_templates
+"""The data layer: dataset registry, k-shot split files, image decoding, augmentation and the test loader.
 
-__all__ = ["DATASETS", "DatasetSpec", "Partition", "augment", "class_prompts", "eval_loader", "load_split",
-           "load_train_images", "prepare_split", "eval_batches", "write_split", "zero_shot_templates"]
+Import from the submodules (`from clip_qlora.data.splits import load_split`): this package re-exports nothing,
+so that checking params (`data.registry`) and the prepare stage (`data.splits`) never load `data.images`,
+which imports torch and torchvision.
+"""

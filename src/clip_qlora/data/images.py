@@ -26,26 +26,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..io import UserError
+from .decode import open_rgb
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults, which CLIP-LoRA uses
 RATIO = (3 / 4, 4 / 3)
 TRIES = 10  # torchvision's number of attempts before falling back to a centre crop
 FLIP_P = 0.5
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """Decode fully (so truncation shows up here, not later), or raise one line naming the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot decode image ({e})") from None
 
 
 def _resize_crop(size: int) -> list:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import fetch, synthetic
+from . import fetch
 from .layouts import Partition, read_coop, read_fgvc
 
 CLIP_TEMPLATE = "a photo of a {}."  # CLIP-LoRA uses this one prompt for every dataset
@@ -24,6 +24,12 @@ class DatasetSpec:
 
     def partition(self, root: Path) -> Partition:
         return self.read(self, root)
+
+
+def _shapes(spec: DatasetSpec, dest: Path) -> None:
+    from . import synthetic  # numpy and PIL only when the shapes are really drawn, not to check params
+
+    synthetic.generate(dest, 0, spec.image_dir, spec.split_file)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -45,6 +51,5 @@ DATASETS: dict[str, DatasetSpec] = {
                                  "a photo of a {}, a type of aircraft.", read=read_fgvc, fetch=fetch.fgvc_aircraft),
     "ucf101": DatasetSpec("UCF101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
     "shapes": DatasetSpec("shapes", "images", "split_zhou_Shapes.json", "a drawing of a {}.",
-                          fetch=lambda spec, dest: synthetic.generate(dest, 0, spec.image_dir, spec.split_file),
-                          offline=True),
+                          fetch=_shapes, offline=True),
 }

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 from ..io import UserError, atomic_dir, read_json, write_json
+from .decode import open_rgb
 from .draw import DRAWS, describe, draw_clip_lora, draw_shots
-from .images import open_rgb
 from .layouts import escapes
 from .registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
 

@@ -1,0 +1,36 @@
+"""The CLIP architectures params.yaml may name, read from their config files without importing open_clip.
+
+open_clip knows an architecture by a JSON file in its `model_configs/` folder (or in a folder added with
+`add_model_config`, as model.register_configs does for ours). Importing open_clip imports torch, which checking
+params must not need (prepare and aggregate run without torch), so the same files are read here: open_clip's
+folder is found through the import system without running the package, and a file counts as open_clip counts
+it (it holds embed_dim, vision_cfg and text_cfg). tests/test_model.py checks the names against open_clip's.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"  # the shipped architectures (clip-tiny)
+TOWER_CFG = {"vision": "vision_cfg", "text": "text_cfg"}
+
+
+@functools.cache
+def configs() -> dict[str, dict]:
+    """Architecture name -> its open_clip config: open_clip's own, then ours."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    out = {}
+    for folder in [*folders, CONFIG_DIR]:
+        for path in sorted(folder.glob("*.json")):
+            cfg = json.loads(path.read_text())
+            if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                out[path.stem] = cfg
+    return out
+
+
+def tower_depth(arch: str, tower: str) -> int:
+    """Transformer blocks of one tower (open_clip's default of 12 where the config does not say)."""
+    return int(configs()[arch].get(TOWER_CFG[tower], {}).get("layers", 12))

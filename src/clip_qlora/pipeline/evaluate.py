@@ -1,0 +1,51 @@
+"""The evaluate stage: each seed's accuracy (overall, per class, confusion) and the base's zero-shot accuracy."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..base import resolve_device
+from ..data.images import eval_batches
+from ..data.splits import class_prompts, load_split, zero_shot_templates
+from ..evaluate import evaluate_method
+from ..io import UserError, read_json, write_json
+from . import adapter_dir, base_of, common, split_path
+
+
+def evaluate(p, method: str, dataset: str) -> dict:
+    device = resolve_device(p.model.device)
+    root = Path(p.data.root)
+    split = load_split(split_path(dataset), root)
+    dirs = {str(s): adapter_dir(method, dataset, s) for s in p.data.seeds}
+    for d in dirs.values():
+        if not (d / "adapter_config.json").exists():
+            raise UserError(f"{d}: no adapters; run the train stage first (dvc repro train@{method}-{dataset})")
+
+    def make_batches(size, mean, std):  # decoded on the GPU when evaluating on one
+        return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device)
+
+    # zero-shot with both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row
+    # used CoOp's per-dataset templates
+    zero_shot_prompts = {name: [template.format(c) for c in split["classnames"]]
+                         for name, template in zero_shot_templates(dataset).items()}
+    r = evaluate_method(base_dir=base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
+                        zero_shot_prompts=zero_shot_prompts, classnames=split["classnames"],
+                        make_batches=make_batches, device=device)
+    accs = list(r["accuracy"].values())
+    per_class = {c: statistics.mean(v[c] for v in r["per_seed_per_class"].values()
+                                    if v[c] is not None) if any(v[c] is not None for v in
+                                                                r["per_seed_per_class"].values()) else None
+                 for c in split["classnames"]}
+    metrics = {"method": method, "dataset": dataset, "seeds": list(p.data.seeds),
+               "accuracy_mean": statistics.mean(accs),
+               "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+               "accuracy": r["accuracy"],
+               # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: both sets
+               "zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
+               "per_class": per_class, "n_test": r["n_test"],
+               "eval_seconds": r["eval_seconds"], "passes": r["passes"],
+               "test_images_per_second": r["test_images_per_second"],
+               **common(device, read_json(base_of(method) / "base.json"))}
+    write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
+    write_json(Path("plots/confusion") / method / f"{dataset}.json", r["confusion"])
+    return metrics

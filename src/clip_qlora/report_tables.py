@@ -1,0 +1,27 @@
+"""The rich tables `aggregate` prints: the report's accuracy and resources tables, for the terminal."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from .report_inputs import Inputs
+from .report_md import accuracy_rows, resource_rows
+from .summary import n_seeds_text
+
+
+def rich_tables(inp: Inputs, raw: dict) -> list[Table]:
+    pre = raw["pretrained"]
+    acc = Table(title=f"Accuracy (top-1 %, mean ± std over {n_seeds_text(inp.n_seeds)})"
+                      + ("" if pre else " — RANDOM-INIT, NOT A RESULT"))
+    header, rows = accuracy_rows(inp, raw)
+    for i, h in enumerate(header):
+        acc.add_column(h.replace("`", ""), justify="left" if i == 0 else "right")
+    for r in rows:
+        acc.add_row(*(c.replace("**", "") for c in r))
+    res = Table(title=f"Resources on {raw['device']} (GiB, ms, m:ss; study columns quoted, not measured here)")
+    header, rows = resource_rows(inp, raw)
+    for i, h in enumerate(header):
+        res.add_column(h.replace("`", ""), justify="left" if i < 2 else "right")
+    for r in rows:
+        res.add_row(*(c.replace("`", "") for c in r))
+    return [acc, res]
+

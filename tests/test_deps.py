@@ -1,0 +1,94 @@
+"""dvc.yaml against the code: each stage's code deps are its import closure, and the foreach lists DVC cannot
+import from Python (quantize's bases, the loss plot's methods) agree with clip_qlora.backends."""
+from __future__ import annotations
+
+import copy
+
+from clip_qlora.backends import BACKENDS, METHODS
+
+from import_closure import REPO, closure, code_dep_problems, load_pipeline, stage_instances
+
+
+def test_every_stage_lists_exactly_the_code_it_imports():
+    dvc, params = load_pipeline()
+    problems = code_dep_problems(dvc, params)
+    assert not problems, "dvc.yaml code deps differ from the import closure:\n" + "\n".join(problems)
+
+
+def _without(dvc: dict, stage: str, dep: str) -> dict:
+    dvc = copy.deepcopy(dvc)
+    body = dvc["stages"][stage].get("do", dvc["stages"][stage])
+    assert dep in body["deps"], (stage, dep)
+    body["deps"].remove(dep)
+    return dvc
+
+
+def test_a_removed_dependency_is_named():
+    """The check fails, naming the module, when dvc.yaml drops a file the stage imports: at the top of a module
+    (evaluate -> pipeline/__init__), only inside a function (prepare: the shapes generator, imported when the
+    dataset is drawn) and only through backends.get (train -> backends/nf4.py)."""
+    dvc, params = load_pipeline()
+    cases = [("evaluate", "src/clip_qlora/pipeline/__init__.py", "clip_qlora.pipeline"),
+             ("prepare", "src/clip_qlora/data/synthetic.py", "clip_qlora.data.synthetic"),
+             ("train", "src/clip_qlora/backends/nf4.py", "clip_qlora.backends.nf4")]
+    for stage, dep, module in cases:
+        problems = code_dep_problems(_without(dvc, stage, dep), params)
+        assert problems, (stage, dep)
+        assert all(f"runs {module} ({dep}) but its deps do not list it" in p for p in problems), problems
+        assert {p.split(":")[0].split("@")[0] for p in problems} == {stage}, problems
+
+
+def test_an_extra_dependency_is_named():
+    """Deps are exactly the code: a module the stage never imports is reported too."""
+    dvc, params = load_pipeline()
+    dvc = copy.deepcopy(dvc)
+    dvc["stages"]["aggregate"]["deps"].append("src/clip_qlora/train.py")
+    assert code_dep_problems(dvc, params) == ["aggregate: lists src/clip_qlora/train.py but does not import it"]
+
+
+def test_closure_follows_lazy_imports_and_pins_the_quantized_base():
+    from pathlib import Path
+
+    prepare = closure("stages.prepare", list(BACKENDS))
+    assert Path("src/clip_qlora/data/splits.py") in prepare  # imported inside the command function
+    assert Path("src/clip_qlora/data/images.py") not in prepare  # torch: prepare never imports it
+    for base in BACKENDS:
+        files = closure("stages.quantize", [base])
+        assert {p.stem for p in files if p.parent == Path("src/clip_qlora/backends")} == {"__init__", base}
+
+
+def test_quantize_bases_and_pointers_agree_with_backends():
+    dvc, params = load_pipeline()
+    foreach = dvc["stages"]["quantize"]["foreach"]
+    assert list(foreach) == list(BACKENDS)
+    for base, item in foreach.items():
+        assert item == {"params": BACKENDS[base].params, "method": BACKENDS[base].method}, base
+    for name, stage in stage_instances(dvc, params).items():
+        if name.startswith("quantize@"):
+            base = stage["_key"]
+            pointers = {o for o in stage["outs"] if isinstance(o, str) and o.startswith("models/methods/")}
+            assert pointers == {f"models/methods/{m}.json" for m, s in METHODS.items() if s.base == base}, name
+
+
+def test_method_lists_come_from_params():
+    """dvc.yaml names no method: train/evaluate/profile run over params.yaml's `methods`, and so does the
+    loss plot; the study's params.yaml runs every method of the table."""
+    dvc, params = load_pipeline()
+    assert dvc["stages"]["train"]["matrix"]["method"] == "${methods}"
+    assert dvc["stages"]["evaluate"]["matrix"]["method"] == "${methods}"
+    assert dvc["stages"]["profile"]["foreach"] == "${methods}"
+    loss = next(p["plots/loss"] for p in dvc["plots"] if "plots/loss" in p)
+    assert loss["y"] == "${methods}"
+    assert params["methods"] == list(METHODS)
+    text = (REPO / "dvc.yaml").read_text()
+    for method in METHODS:
+        assert f"[{method}," not in text and f" {method}]" not in text  # no hand-written method list
+
+
+def test_stage_instances_match_dvcs_names():
+    """The expansion the checks use names stages as DVC does (the pipeline test sees DVC's own names)."""
+    dvc, params = load_pipeline()
+    params = {**params, "datasets": ["shapes"], "methods": ["lora", "qlora"]}
+    names = set(stage_instances(dvc, params))
+    assert names == {"prepare@shapes", "quantize@bf16", "quantize@nf4", "train@lora-shapes", "train@qlora-shapes",
+                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "profile@lora", "profile@qlora", "aggregate"}
