@@ -88,7 +88,9 @@ def test_method_lists_come_from_params():
 def test_stage_instances_match_dvcs_names():
     """The expansion the checks use names stages as DVC does (the pipeline test sees DVC's own names)."""
     dvc, params = load_pipeline()
-    params = {**params, "datasets": ["shapes"], "methods": ["lora", "qlora"]}
+    params = {**params, "datasets": ["shapes"], "methods": ["lora", "qlora"],
+              "scale": {**params["scale"], "archs": ["clip-tiny"]}}
     names = set(stage_instances(dvc, params))
     assert names == {"prepare@shapes", "quantize@bf16", "quantize@nf4", "train@lora-shapes", "train@qlora-shapes",
-                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "profile@lora", "profile@qlora", "aggregate"}
+                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "profile@lora", "profile@qlora", "aggregate",
+                     "scale@clip-tiny", "scale_report"}
