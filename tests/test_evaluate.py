@@ -10,7 +10,7 @@ from clip_qlora.model import TextTokens, cosine_logits, encode_image, unit
 from clip_qlora.train import build_run
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
-NF4 = {"type": "nf4", "double_quant": True, "blocksize": 64}
+from conftest import NF4  # noqa: E402  (the study's NF4 settings)
 
 
 def _trained_adapters(base_dir, params, method, out, seed):

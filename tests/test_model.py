@@ -133,7 +133,8 @@ def test_local_checkpoint_needs_an_explicit_activation(tmp_path):
 def test_activation_is_built_in_every_block_and_survives_a_reload(tmp_path, setting):
     from clip_qlora.base import load_base, save_base
 
-    model, meta = make_base("clip-tiny", "none", "nf4", {"type": "nf4", "double_quant": True, "blocksize": 64},
+    model, meta = make_base("clip-tiny", "none", "nf4", {"type": "nf4", "double_quant": True, "blocksize": 64,
+                                                         "expand_absmax": True},
                             torch.float32, "cpu", quick_gelu=setting)
     assert M.uses_quick_gelu(model) is setting
     assert meta["activation"] == ("quick_gelu" if setting else "gelu")

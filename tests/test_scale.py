@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clip_qlora import scale, scale_report
+from clip_qlora import config, scale, scale_report
 from clip_qlora.config import Params
 from clip_qlora.io import UserError
 from clip_qlora.model import block_linears, build_base
@@ -25,9 +25,9 @@ TINY = ("clip-tiny", "clip-tiny-wide")
 
 
 def tiny_scale_params(**scale_overrides) -> Params:
-    p = Params(datasets=["shapes"])
-    p.model.arch, p.model.pretrained = "clip-tiny", "none"
-    p.scale.archs, p.scale.batches, p.scale.n_classes, p.scale.warmup, p.scale.steps = list(TINY), ["2x2"], 3, 1, 1
+    p = config.load_with({"datasets": ["shapes"], "model.arch": "clip-tiny", "model.pretrained": "none",
+                          "scale.archs": list(TINY), "scale.batches": ["2x2"], "scale.n_classes": 3,
+                          "scale.warmup": 1, "scale.steps": 1})
     for k, v in scale_overrides.items():
         setattr(p.scale, k, v)
     return p
@@ -165,7 +165,7 @@ def _oom_for(monkeypatch, method: str, spec_micro: int):
     real = profile.optimizer_step
 
     def step(run, batches):
-        if run.meta["base"] == scale.METHODS[method][0] and run.blocks.checkpointing == scale.METHODS[method][1] \
+        if run.meta["base"] == scale.METHODS[method].base and run.blocks.checkpointing == scale.METHODS[method].checkpointing \
                 and batches[0][0].shape[0] == spec_micro:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(run, batches)

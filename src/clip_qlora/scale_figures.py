@@ -9,14 +9,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from .figures import METHOD_COLOURS, _save
+from .figures import _colour, _save
 
 GIB = 2**30
-_FALLBACK = ["#31a354", "#756bb1", "#636363", "#8c564b"]
-
-
-def _colour(method: str, i: int) -> str:
-    return METHOD_COLOURS.get(method, _FALLBACK[i % len(_FALLBACK)])
 
 
 def _panels(n: int, height: float = 4.8) -> tuple[Figure, list]:
