@@ -13,7 +13,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from clip_qlora import report
+from clip_qlora import config, protocol, report
 from clip_qlora.backends import METHODS as METHOD_TABLE
 from clip_qlora.io import UserError
 
@@ -82,13 +82,13 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
                 "saved_activation_bytes": SAVED[m], "step_ms_median": STEP_MS[m],
                 "per_seed": {str(s): {"train_seconds": TRAIN_S[m], "final_loss": 0.5,
                                       "peak_allocated_bytes": PEAK[m] if gpu else None} for s in SEEDS},
-                "versions": ver})
+                "protocol": PROTOCOL, "versions": ver})
             accs = ACC[m, d]
             w(f"metrics/eval/{m}/{d}.json", {
                 "method": m, "dataset": d, "pretrained": True, "accuracy_mean": _mean(accs),
                 "accuracy_std": _std(accs), "accuracy": {str(s): a for s, a in zip(SEEDS, accs)},
                 "zero_shot_accuracy": ZERO_SHOT[d], "per_class": {c: 50.0 for c in CLASSES[d]},
-                "n_test": 30})
+                "zero_shot": {"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN}, "n_test": 30})
             loss = root / f"dvclive/train/{m}/{d}/seed1/plots/metrics/train"
             loss.mkdir(parents=True, exist_ok=True)
             step_every = 1 if m != "qlora_gc" else 2  # different logging steps must still plot
@@ -106,6 +106,11 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
                    "peak_allocated_bytes": int(PEAK[m] * f) if gpu else None,
                    "peak_reserved_bytes": int(PEAK[m] * f * 1.5) if gpu else None,
                    "step_ms": STEP_MS[m] * f} for b, f in BATCHES.items()}})
+
+
+COOP_GAIN = 5.0
+PROTOCOL = protocol.record(config.load_with(), {"draw": "clip_lora: ..."},
+                           {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bfloat16"})
 
 
 def run(root: Path, methods=METHODS, datasets=DATASETS, figures="plots/figures"):
@@ -381,3 +386,18 @@ def test_dvc_plots_show_renders(gpu_run, cpu_run, tmp_path):
         html = (repo / "html" / "index.html").read_text()
         for pid in ids:  # one vegaEmbed div per plot, id = path with separators replaced
             assert f"vegaEmbed('#{pid.replace('/', '_').replace('.', '_')}'" in html, pid
+
+
+def test_zero_shot_with_both_prompt_sets_and_the_protocol_section(cpu_run):
+    root, _, _ = cpu_run
+    text = (root / "reports/results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| dataset"))
+    assert "zero-shot, 'a photo of a {}.'" in header and "zero-shot, CoOp templates" in header
+    first = next(line for line in text.splitlines() if line.startswith(f"| {DATASETS[0]} "))
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    assert cells[1] == f"{ZERO_SHOT[DATASETS[0]]:.2f}" and cells[2] == f"{ZERO_SHOT[DATASETS[0]] + COOP_GAIN:.2f}"
+    section = text[text.index("## Protocol and deviations from CLIP-LoRA"):]
+    section = section[:section.index("\n## ", 5)]
+    assert section.count("What ran:") == 1 and "few-shot draw clip_lora" in section
+    for deviation in protocol.deviations(PROTOCOL):
+        assert deviation in section

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import protocol
 from .backends import label
 from .references import (REFERENCE_COLUMNS, REFERENCE_ROWS, REFERENCE_SHORT, STUDY_DATASET, STUDY_DEVICE,
                          STUDY_PEAK_GB, STUDY_STATIC_GB, STUDY_TIME, reference_column)
@@ -120,17 +121,37 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+PROMPT_SETS = {"clip": "'a photo of a {}.'", "coop": "CoOp templates, as the paper's zero-shot row"}
+
+
+def _prompt_sets(inp: Inputs, src: str) -> list[str]:
+    """The zero-shot prompt sets every dataset's evaluation of `src` measured (none for older metrics)."""
+    sets = [set((inp.eval[src, d].get("zero_shot") or {})) for d in inp.datasets]
+    return [k for k in PROMPT_SETS if all(k in s for s in sets)]
+
+
 def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
-    """One row per dataset plus the mean row: zero-shot column(s), each method, the quoted references."""
-    zs_cols = zero_shot_columns(inp)
+    """One row per dataset plus the mean row: zero-shot column(s), each method, the quoted references.
+
+    Zero-shot is shown with each prompt set the evaluation measured: CLIP-LoRA trains and evaluates with
+    "a photo of a {}.", while the zero-shot numbers of its paper used CoOp's per-dataset templates."""
+    zs_cols = []  # (title, method supplying it, prompt set or None for the training template's value)
+    for title, src in zero_shot_columns(inp):
+        sets = _prompt_sets(inp, src)
+        zs_cols += [(f"{title}, {PROMPT_SETS[k]}", src, k) for k in sets] or [(title, src, None)]
+
+    def zero_shot(src, d, k):
+        e = inp.eval[src, d]
+        return e.get("zero_shot_accuracy") if k is None else e["zero_shot"][k]
+
     refs = [reference_column(d) for d in inp.datasets]
-    header = ["dataset", *(t for t, _ in zs_cols), *(f"{label(m)} (`{m}`)" for m in inp.methods),
+    header = ["dataset", *(t for t, _, _ in zs_cols), *(f"{label(m)} (`{m}`)" for m in inp.methods),
               *(f"{s} (quoted, not measured here)" for s in REFERENCE_SHORT)]
     rows = []
     for d, ref in zip(inp.datasets, refs):
         row = [d]
-        for _, src in zs_cols:
-            z = inp.eval[src, d].get("zero_shot_accuracy")
+        for _, src, k in zs_cols:
+            z = zero_shot(src, d, k)
             row.append("n/a" if z is None else f"{z:.2f}")
         for m in inp.methods:
             e = inp.eval[m, d]
@@ -139,8 +160,9 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
             row.append(values[REFERENCE_COLUMNS.index(ref)] if ref else "—")
         rows.append(row)
     mean_row = ["**mean**"]
-    for _, src in zs_cols:
-        z = raw[src]["zero_shot_mean"]
+    for _, src, k in zs_cols:
+        values = [zero_shot(src, d, k) for d in inp.datasets]
+        z = None if any(v is None for v in values) else sum(values) / len(values)
         mean_row.append("n/a" if z is None else f"**{z:.2f}**")
     for m in inp.methods:
         mean_row.append(f"**{acc(raw[m]['accuracy_mean'], raw[m]['accuracy_std'])}**")
@@ -271,8 +293,16 @@ def figures_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     return lines
 
 
-# In report order. The protocol / deviations-from-CLIP-LoRA section belongs after the accuracy section.
-SECTIONS = [header_section, accuracy_section, resources_section, what_changed_section, figures_section]
+def protocol_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
+    """Which protocol ran and every deviation from CLIP-LoRA, from what each training run recorded."""
+    records = {f"{m}/{d}": inp.train[m, d]["protocol"] for m in inp.methods for d in inp.datasets
+               if isinstance(inp.train[m, d].get("protocol"), dict)}
+    return protocol.markdown(records)
+
+
+# In report order.
+SECTIONS = [header_section, accuracy_section, protocol_section, resources_section, what_changed_section,
+            figures_section]
 
 
 def render_report(inp: Inputs, raw: dict, report_path: Path, pngs: dict[str, Path]) -> str:
