@@ -107,3 +107,14 @@ def test_loading_a_saved_base_says_nothing_about_random_weights(saved_bases, cap
     for base in ("bf16", "nf4"):
         load_base(saved_bases[base], "cpu")
     assert "random" not in caplog.text.lower()
+
+
+def test_a_reloaded_base_has_every_buffer_of_the_saved_one(tmp_path):
+    """The causal mask is not saved (open_clip's persistent=False): the reload must rebuild it exactly."""
+    model, meta = make_base("clip-tiny", "none", "bf16", None, torch.bfloat16, "cpu")
+    save_base(model, meta, tmp_path / "bf16")
+    again, _ = load_base(tmp_path / "bf16", "cpu")
+    mine, theirs = dict(model.named_buffers()), dict(again.named_buffers())
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert mine[name].dtype == theirs[name].dtype and torch.equal(mine[name], theirs[name]), name

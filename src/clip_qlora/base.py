@@ -72,8 +72,8 @@ def _rebuild_unsaved_buffers(model: nn.Module, device) -> None:
     # the one buffer open_clip does not save (persistent=False): the text tower's additive causal mask, built as
     # open_clip's text transformer builds it (-inf above the diagonal, over the whole context)
     if getattr(model, "attn_mask", None) is not None:
-        n = model.attn_mask.shape[0]
-        model.attn_mask = torch.full((n, n), float("-inf"), device=device).triu_(1)
+        n, dtype = model.attn_mask.shape[0], model.attn_mask.dtype  # the skeleton's: the compute dtype
+        model.attn_mask = torch.full((n, n), float("-inf"), device=device, dtype=dtype).triu_(1)
 
 
 def load_base(base_dir: str | Path, device: str, saved: tuple[dict, dict] | None = None) -> tuple[nn.Module, dict]:
