@@ -70,7 +70,8 @@ BLOCKSIZE_RERUN = {"quantize@nf4", "aggregate", *(f"train@{m}-{DATASET}" for m i
                    *SCALE_SIDE}
 # what a change of lora.* must rerun: every method's train, evaluate, profile, aggregate, and the scale study
 LORA_RERUN = ALL_STAGES - {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4"}
-# result-neutral knobs, each changed: the profile measures the first three; no stage lists the last two
+# result-neutral knobs, each changed: the profile and the scale study measure the first three; no stage lists
+# the last two
 RUNTIME = {"runtime.cuda_graph": False, "runtime.cublas_workspace_kib": 0, "runtime.overlap_text": False,
            "runtime.checkpoint_every": 7, "runtime.eval_workers": 1}
 PROFILED = {"runtime.cuda_graph", "runtime.cublas_workspace_kib", "runtime.overlap_text"}
@@ -86,7 +87,7 @@ STAGE_OPTIONS = {
     "scale_report": [],
 }
 # metrics fields whose value depends on timing (or on the run that wrote them), not on the inputs
-TIMING_KEYS = re.compile(r"(seconds|_ms|_ms_median|step_ms|resumed_from)$")
+TIMING_KEYS = re.compile(r"(seconds|_ms|_ms_median|step_ms|resumed_from|per_second)$")
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
@@ -420,7 +421,7 @@ def test_scale_outputs(pipeline):
     assert list(rec["methods"]) == METHODS
     for m in METHODS:
         c = rec["methods"][m]["b2x1"]
-        assert c["fits"] is True and c["static_bytes"] > 0 and c["step_ms"] > 0
+        assert c["fits"] is True and c["device_base_bytes"] > 0 and c["step_ms"] > 0
     text = (root / "reports" / "scale.md").read_text()
     assert "Random weights" in text and f"| {SCALE_ARCH} |" in text
     assert read(root, "plots/scale/memory/2x1.json")[0]["arch"] == SCALE_ARCH
@@ -518,7 +519,7 @@ def test_metrics_diff_lists_every_method(blocksize):
 
 def test_runtime_knobs_leave_train_and_evaluate_up_to_date(runtime_knobs):
     changed = changed_params(runtime_knobs)
-    assert set(runtime_knobs) == {f"profile@{m}" for m in METHODS}, runtime_knobs
+    assert set(runtime_knobs) == {*(f"profile@{m}" for m in METHODS), f"scale@{SCALE_ARCH}"}, runtime_knobs
     for stage, keys in changed.items():
         assert keys == PROFILED, (stage, keys)  # the other two keys reach no stage at all
 
@@ -526,7 +527,9 @@ def test_runtime_knobs_leave_train_and_evaluate_up_to_date(runtime_knobs):
 # ---- quant.expand_absmax: only the NF4 side, through the method pointers ------------------------------------
 
 def test_expand_absmax_changes_only_quantize_nf4(expand_absmax):
-    assert changed_params(expand_absmax["status"]) == {"quantize@nf4": {"quant"}}, expand_absmax["status"]
+    # and the scale study, which measures the NF4 methods with the quant settings
+    assert changed_params(expand_absmax["status"]) == {"quantize@nf4": {"quant"}, f"scale@{SCALE_ARCH}": {"quant"}}, \
+        expand_absmax["status"]
 
 
 def test_expand_absmax_reruns_only_the_qlora_side(expand_absmax, good):
@@ -538,7 +541,9 @@ def test_expand_absmax_reruns_only_the_qlora_side(expand_absmax, good):
         # the stored tensors are the same; the pointer changes through the base's settings
         assert after[m]["sha256"] == before[m]["sha256"]
         assert after[m]["settings"]["expand_absmax"] is False and before[m]["settings"]["expand_absmax"] is True
-    assert set(expand_absmax["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4"}, expand_absmax["status_after"]
+    # scale_report turns stale only once scale@ has rerun (its deps are that stage's outputs)
+    assert set(expand_absmax["status_after"]) == BLOCKSIZE_RERUN - {"quantize@nf4", "scale_report"}, \
+        expand_absmax["status_after"]
     assert "Data and pipelines are up to date" in expand_absmax["status_restored"], expand_absmax["status_restored"]
 
 
