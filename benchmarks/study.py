@@ -157,8 +157,11 @@ def project(r: dict, seeds: int = 3) -> dict:
             "seeds": seeds, "terms_seconds": terms, "total_minutes": total / 60}
 
 
-def collect(result: dict, dest: Path) -> None:
-    """What the train and evaluate stages wrote so far, into the result."""
+EVAL_LINE = re.compile(r"evaluate (\S+) (\S+): (\d+) test images, (\d+) passes, ([\d.]+) s")
+
+
+def collect(result: dict, dest: Path, log: Path) -> None:
+    """What the train and evaluate stages wrote so far (metrics, and evaluation times from the log)."""
     x = result["dataset"]
     for m in result["methods"]:
         tr, ev = dest / "metrics/train" / m / f"{x}.json", dest / "metrics/eval" / m / f"{x}.json"
@@ -170,8 +173,11 @@ def collect(result: dict, dest: Path) -> None:
             result["device"], result["versions"] = t["device"], t["versions"]
         if ev.exists():
             e = json.loads(ev.read_text())
-            result.setdefault("eval", {})[m] = {k: e.get(k) for k in (
-                "eval_seconds", "passes", "test_images_per_second", "n_test", "zero_shot")}
+            result.setdefault("eval", {})[m] = {k: e.get(k) for k in ("passes", "n_test", "zero_shot")}
+            timed = EVAL_LINE.findall(log.read_text()) if log.exists() else []
+            for method, _, n, passes, seconds in timed:  # the stage logs its time (metrics stay deterministic)
+                if method == m:
+                    result["eval"][m].update(eval_seconds=float(seconds), test_images_per_second=int(n) / float(seconds))
 
 
 def main() -> None:
@@ -199,12 +205,12 @@ def main() -> None:
     with open(a.out / "study-repro.log", "w") as log:
         def partial(walls):
             result["stage_wall_seconds"] = walls
-            collect(result, dest)
+            collect(result, dest, a.out / "study-repro.log")
             (a.out / "study.json").write_text(json.dumps(result, indent=2))
 
         result["stage_wall_seconds"] = timed_repro(dest, targets, log, partial)
         (a.out / "study.json").write_text(json.dumps(result, indent=2))
-    collect(result, dest)
+    collect(result, dest, a.out / "study-repro.log")
     result["projection"] = project(result)
     (a.out / "study.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
