@@ -12,7 +12,9 @@ def test_the_shipped_recipe_is_clip_loras():
     rec = P.record(config.load_with(), SPLIT, META)
     devs = P.deviations(rec)
     assert devs[-len(P.ALWAYS):] == P.ALWAYS
-    assert [d for d in devs if d not in P.ALWAYS] == [d for d in devs if d.startswith("Training images")]
+    assert [d for d in devs if d not in P.ALWAYS] == [d for d in devs if d.startswith(("Training images", "Precision"))]
+    precision = next(d for d in devs if d.startswith("Precision"))
+    assert "computes in bfloat16" in precision and "bfloat16 autocast" in precision
     assert rec["split_draw_detail"] == SPLIT["draw"]
 
 
@@ -20,7 +22,7 @@ def test_each_departure_from_the_recipe_is_listed():
     p = config.load_with()
     p.data.split_draw, p.train.batching, p.lora.r, p.train.decode_short_side = "keyed", "full", 8, 0
     devs = P.deviations(P.record(p, SPLIT, {**META, "activation": "gelu"}))
-    extra = [d for d in devs if d not in P.ALWAYS]
+    extra = [d for d in devs if d not in P.ALWAYS and not d.startswith("Precision")]
     assert any(d.startswith("Few-shot draw: 'keyed'") for d in extra)
     assert any(d.startswith("Batching: 'full'") for d in extra)
     assert any(d.startswith("LoRA rank: 8 where CLIP-LoRA uses 2") for d in extra)
@@ -36,3 +38,9 @@ def test_markdown_groups_identical_records():
     other = {**rec, "batching": "full"}
     text = "\n".join(P.markdown({"lora/eurosat": rec, "qlora/eurosat": other}))
     assert text.count("What ran:") == 2 and "Runs qlora/eurosat:" in text
+
+
+def test_precision_says_what_ran():
+    rec = P.record(config.load_with(), SPLIT, {**META, "compute_dtype": "float32"})
+    precision = next(d for d in P.deviations(rec) if d.startswith("Precision"))
+    assert "computes in float32" in precision and "no autocast" in precision

@@ -22,12 +22,13 @@ WHAT = {
     "lora_scaling": "LoRA scaling",
 }
 
+PRECISION = ("Precision: CLIP-LoRA keeps fp16 weights with the adapted projections and LoRA in fp32, under fp16 "
+             "autocast with a GradScaler; here the frozen base computes in {dtype} in both arms (the 4-bit arm "
+             "dequantizes to it), adapters fp32, {autocast} and no GradScaler. One dtype policy for both arms is "
+             "the point of the comparison.")
+
 # By construction, whatever params say: each with why it is so.
 ALWAYS = [
-    "Precision: CLIP-LoRA keeps fp16 weights with the adapted projections and LoRA in fp32, under fp16 autocast "
-    "with a GradScaler; here the frozen base is bf16 in both arms (the 4-bit arm dequantizes to bf16), adapters "
-    "fp32, bf16 autocast and no GradScaler (bf16 has fp32's exponent range). One dtype policy for both arms is "
-    "the point of the comparison.",
     "Logits: from fp32 unit features in training and evaluation (CLIP-LoRA's cosine matmul runs in fp16 under "
     "autocast).",
     "Evaluation: both arms run the trained function with the adapters unmerged; CLIP-LoRA merges them into fp32 "
@@ -65,7 +66,10 @@ def deviations(protocol: dict) -> list[str]:
         out.append(f"Training images: decoded once with the shorter side at most {side:g}x the input size; on "
                    f"larger files, crops covering less than about {1 / side ** 2:.0%} of the image come from fewer "
                    f"source pixels than CLIP-LoRA's crops of the full-resolution file (data/images.py says why).")
-    return out + ALWAYS
+    dtype = protocol.get("compute_dtype", "bfloat16")
+    autocast = "no autocast" if dtype == "float32" else f"{dtype} autocast (bf16 has fp32's exponent range)" \
+        if dtype == "bfloat16" else f"{dtype} autocast"
+    return out + [PRECISION.format(dtype=dtype, autocast=autocast)] + ALWAYS
 
 
 def summary_line(protocol: dict) -> str:
