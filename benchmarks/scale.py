@@ -10,7 +10,8 @@ so a run cut off at its time limit keeps what it measured. It starts no new conf
 seconds have passed (the architecture in progress is then marked incomplete), so a device call can be sized
 to end inside its limit; the rest is measured by a second call with the remaining --archs.
 
-`collect` reads one or more such folders (or scale.json files), checks that every architecture of
+`collect` reads one or more such folders (or scale.json files, or a benchmarks/results/*-scale.json that an
+earlier `collect` wrote: its calls count as given again), checks that every architecture of
 scale.archs is complete and was measured with params.yaml's settings, then writes what the pipeline would:
 metrics/scale/<arch>.json (the scale@<arch> records, unchanged) and the scale_report outputs
 (reports/scale.md, plots/scale/, plots/scale_figures/), plus benchmarks/results/<date>-<gpu>-scale.{json,md}
@@ -142,10 +143,25 @@ def _runs(sources: list[str]) -> list[dict]:
     for s in sources:
         path = Path(s) / "scale.json" if Path(s).is_dir() else Path(s)
         data = read_json(path)
+        if isinstance(data, dict) and "calls" in data and "archs" in data:
+            runs.extend(_committed_calls(data, path))
+            continue
         if not isinstance(data, dict) or "archs" not in data:
-            raise UserError(f"{path}: not a scale.json written by `benchmarks/scale.py measure`")
+            raise UserError(f"{path}: not a scale.json written by `benchmarks/scale.py measure` nor a "
+                            f"benchmarks/results/*-scale.json written by `collect`")
         data["_path"] = str(path)
         runs.append(data)
+    return runs
+
+
+def _committed_calls(data: dict, path: Path) -> list[dict]:
+    """A results file `collect` wrote, read back as the device calls it was collected from (each with the
+    architectures it supplied), so a later call can add architectures without the earlier raw folders."""
+    runs = []
+    for call in data["calls"]:
+        runs.append({"command": call["command"], "date": call["date"], "wall_s": call["wall_s"],
+                     "seconds": call["seconds"], "environment": data["environment"], "_path": str(path),
+                     "archs": {a: {"complete": True, "record": data["archs"][a]} for a in call["archs"]}})
     return runs
 
 

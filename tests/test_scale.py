@@ -378,3 +378,11 @@ def test_gpu_script_measures_then_collects_what_the_pipeline_writes(tmp_path):
     assert status["qlora_gc on ViT-bigG-14 at 4x8 within 4 GiB as the driver reports it"] == ("n/a", None)
     assert "Targets (issue 15)" in res.with_suffix(".md").read_text()
     assert (tmp_path / "docs" / "scale-memory.png").read_bytes()[:4] == b"\x89PNG"
+    # a committed results file counts as the calls it was collected from: collecting it with nothing else
+    # gives the same records and the same calls, so a later device call can extend it
+    with project(tmp_path / "proj"), single_thread():
+        assert bench.main(["collect", str(res), "--params", str(params), "--results", str(tmp_path / "again"),
+                           "--docs", str(tmp_path / "docs2")]) == 0
+    again = json.loads((tmp_path / "again" / res.name).read_text())
+    assert again["archs"] == out["archs"] and again["calls"] == out["calls"]
+    assert [c["archs"] for c in out["calls"]] == [list(TINY)]  # the cut-off first call supplied nothing
