@@ -134,10 +134,11 @@ def project(r: dict, seeds: int = 3) -> dict:
 
     Per method m: train(m, d) = o_m + seeds x T_m, where T_m is the measured per-seed loop time (2000 steps for
     every dataset: 500 x 4 shots, batch 32) and o_m the rest of the measured stage's wall time (start-up, image
-    decoding, saving); evaluate(m, d) = e_m + N_d x (2 + seeds) / F_m, with F_m the measured forward passes per
-    second (N_x x passes / eval_seconds, decoding included) and e_m the rest of its wall time; prepare(d) scales
-    with d's image count; quantize is counted once. Datasets with fewer classes have cheaper text towers and
-    EuroSAT's short batches are cheaper steps, so the training terms are an upper bound.
+    decoding, saving); evaluate(m, d) = e_m + N_d x seeds / F_m, with F_m the measured forward passes per
+    second (N_x x passes / eval_seconds, decoding included) and e_m the rest of its wall time; zeroshot(b, d) =
+    z_b + N_d / Z_b, the same from the measured zeroshot@b stage (one pass: one image forward serves both prompt
+    sets); prepare(d) scales with d's image count; quantize is counted once. Datasets with fewer classes have
+    cheaper text towers and EuroSAT's short batches are cheaper steps, so the training terms are an upper bound.
     """
     walls, x = r["stage_wall_seconds"], r["dataset"]
     files_x = sum(REAL[x][1:4])
@@ -151,13 +152,18 @@ def project(r: dict, seeds: int = 3) -> dict:
         fps = e["n_test"] * e["passes"] / e["eval_seconds"]
         e_over = walls[f"evaluate@{m}-{x}"] - e["eval_seconds"]
         terms[f"train@{m}"] = len(REAL) * (overhead + seeds * loop)
-        terms[f"evaluate@{m}"] = sum(e_over + REAL[d][3] * (2 + seeds) / fps for d in REAL)
+        terms[f"evaluate@{m}"] = sum(e_over + REAL[d][3] * seeds / fps for d in REAL)
+    for b, z in r.get("zeroshot", {}).items():
+        z_over = walls[f"zeroshot@{b}-{x}"] - z["eval_seconds"]
+        per_second = z["n_test"] / z["eval_seconds"]
+        terms[f"zeroshot@{b}"] = sum(z_over + REAL[d][3] / per_second for d in REAL)
     total = sum(terms.values())
     return {"label": "PROJECTION (not measured): formula in benchmarks/study.py project()",
             "seeds": seeds, "terms_seconds": terms, "total_minutes": total / 60}
 
 
 EVAL_LINE = re.compile(r"evaluate (\S+) (\S+): (\d+) test images, (\d+) passes, ([\d.]+) s")
+ZEROSHOT_LINE = re.compile(r"zeroshot (\S+) (\S+): (\d+) test images, (\d+) passes, ([\d.]+) s")
 
 
 def collect(result: dict, dest: Path, log: Path) -> None:
@@ -173,11 +179,16 @@ def collect(result: dict, dest: Path, log: Path) -> None:
             result["device"], result["versions"] = t["device"], t["versions"]
         if ev.exists():
             e = json.loads(ev.read_text())
-            result.setdefault("eval", {})[m] = {k: e.get(k) for k in ("passes", "n_test", "zero_shot")}
+            result.setdefault("eval", {})[m] = {k: e.get(k) for k in ("passes", "n_test")}
             timed = EVAL_LINE.findall(log.read_text()) if log.exists() else []
             for method, _, n, passes, seconds in timed:  # the stage logs its time (metrics stay deterministic)
                 if method == m:
                     result["eval"][m].update(eval_seconds=float(seconds), test_images_per_second=int(n) / float(seconds))
+    for base, _, n, passes, seconds in ZEROSHOT_LINE.findall(log.read_text()) if log.exists() else []:
+        zs = dest / "metrics/zeroshot" / base / f"{x}.json"
+        result.setdefault("zeroshot", {})[base] = {
+            "n_test": int(n), "passes": int(passes), "eval_seconds": float(seconds),
+            "zero_shot": json.loads(zs.read_text())["zero_shot"] if zs.exists() else None}
 
 
 def main() -> None:
@@ -201,7 +212,10 @@ def main() -> None:
     result = {"dataset": a.dataset, "seeds": a.seeds, "methods": a.methods, "real_size": REAL[a.dataset],
               "make_dataset_seconds": time.perf_counter() - t0, "startup": startup_probe(dest)}
     (a.out / "study.json").write_text(json.dumps(result, indent=2))
-    targets = [f"evaluate@{m}-{a.dataset}" for m in a.methods]
+    from clip_qlora.backends import METHODS
+
+    bases = dict.fromkeys(METHODS[m].base for m in a.methods)
+    targets = [f"evaluate@{m}-{a.dataset}" for m in a.methods] + [f"zeroshot@{b}-{a.dataset}" for b in bases]
     with open(a.out / "study-repro.log", "w") as log:
         def partial(walls):
             result["stage_wall_seconds"] = walls

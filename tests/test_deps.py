@@ -70,6 +70,12 @@ def test_quantize_bases_and_pointers_agree_with_backends():
             assert pointers == {f"models/methods/{m}.json" for m, s in METHODS.items() if s.base == base}, name
 
 
+def test_zeroshot_bases_agree_with_backends():
+    dvc, _ = load_pipeline()
+    assert dvc["stages"]["zeroshot"]["matrix"]["base"] == list(BACKENDS)
+    assert dvc["stages"]["zeroshot"]["matrix"]["dataset"] == "${datasets}"
+
+
 def test_method_lists_come_from_params():
     """dvc.yaml names no method: train/evaluate/profile run over params.yaml's `methods`, and so does the
     loss plot; the study's params.yaml runs every method of the table."""
@@ -92,5 +98,6 @@ def test_stage_instances_match_dvcs_names():
               "scale": {**params["scale"], "archs": ["clip-tiny"]}}
     names = set(stage_instances(dvc, params))
     assert names == {"prepare@shapes", "quantize@bf16", "quantize@nf4", "train@lora-shapes", "train@qlora-shapes",
-                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "profile@lora", "profile@qlora", "aggregate",
+                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "zeroshot@bf16-shapes", "zeroshot@nf4-shapes",
+                     "profile@lora", "profile@qlora", "aggregate",
                      "scale@clip-tiny", "scale_report"}

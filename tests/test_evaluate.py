@@ -1,10 +1,12 @@
-"""One evaluation for both arms: the trained function, adapters unmerged, logits from fp32 features."""
+"""One evaluation for both arms: the trained function, adapters unmerged, logits from fp32 features; the base's
+zero-shot scored once, without PEFT."""
 from __future__ import annotations
 
 import torch
 
 from clip_qlora import adapters as ad
 from clip_qlora import evaluate as E
+from clip_qlora import scoring as S
 from clip_qlora.base import load_base, make_base, save_base
 from clip_qlora.model import TextTokens, cosine_logits, encode_image, unit
 from clip_qlora.train import build_run
@@ -37,8 +39,8 @@ def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_param
     peft_model.set_adapter("2")
     clip = ad.inner(peft_model)
     tokens = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
-    text = E.class_features(clip, tokens, "cpu", torch.bfloat16)
-    ours = E.logits(clip, text, images, "cpu", torch.bfloat16)
+    text = S.class_features(clip, tokens, "cpu", torch.bfloat16)
+    ours = S.logits(clip, text, images, "cpu", torch.bfloat16)
     assert ours.dtype == torch.float32
 
     # the training path's forward (same adapters, loaded for training), dropout off
@@ -51,7 +53,7 @@ def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_param
 
     # what the old evaluation did: the update merged into bf16 weights is another function
     merged = E.with_adapters(load_base(tmp_path / "bf16", "cpu")[0], {"2": tmp_path / "seed2"}).merge_and_unload()
-    merged_logits = E.logits(merged, E.class_features(merged, tokens, "cpu", torch.bfloat16), images, "cpu",
+    merged_logits = S.logits(merged, S.class_features(merged, tokens, "cpu", torch.bfloat16), images, "cpu",
                              torch.bfloat16)
     assert not torch.equal(merged_logits, ours)
 
@@ -65,8 +67,9 @@ def test_logits_are_fp32_under_bf16_autocast():
 
 
 def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, tiny_params):
-    """One pass, the base loaded once: a seed's result must not depend on the other seeds evaluated beside it,
-    and the zero-shot pass must see the base without adapters."""
+    """One pass, the base loaded once: a seed's result must not depend on the other seeds evaluated beside it;
+    the zero-shot pass sees the base without adapters (what a PEFT model with its adapters disabled computes),
+    one image forward serving every prompt set."""
     model, meta = make_base("clip-tiny", "none", "nf4", NF4, torch.float32, "cpu")
     save_base(model, meta, tmp_path / "nf4")
     for seed in (1, 2):
@@ -77,8 +80,7 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
     zero_shot = {"clip": PROMPTS, "coop": [f"{c} texture." for c in ("red", "green", "blue", "yellow")]}
 
     def run(dirs):
-        return E.evaluate_method(tmp_path / "nf4", dirs, PROMPTS, zero_shot, ["r", "g", "b", "y"],
-                                 lambda *_: batches, "cpu")
+        return E.evaluate_method(tmp_path / "nf4", dirs, PROMPTS, ["r", "g", "b", "y"], lambda *_: batches, "cpu")
 
     both = run({"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
     alone = run({"2": tmp_path / "seed2"})
@@ -90,7 +92,7 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
     tokens = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
 
     def seed_logits(clip):
-        return E.logits(clip, E.class_features(clip, tokens, "cpu", torch.float32), x, "cpu", torch.float32)
+        return S.logits(clip, S.class_features(clip, tokens, "cpu", torch.float32), x, "cpu", torch.float32)
 
     two = E.with_adapters(load_base(tmp_path / "nf4", "cpu")[0], {"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
     for seed in ("1", "2"):
@@ -105,9 +107,12 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
     assert not torch.equal(one, seed_logits(ad.inner(two)))
 
     base, _ = load_base(tmp_path / "nf4", "cpu")
-    text = E.class_features(base, TextTokens.from_prompts(zero_shot["coop"], "clip-tiny").tokens, "cpu", torch.float32)
-    plain = torch.cat([E.logits(base, text, x, "cpu", torch.float32).argmax(-1) for x, _ in batches])
     gold = torch.cat([y for _, y in batches])
-    assert both["zero_shot"]["coop"] == E.accuracy(plain, gold)
-    assert set(both["zero_shot"]) == {"clip", "coop"} and both["n_test"] == 24
-    assert all(0 <= v <= 100 for v in both["zero_shot"].values())
+    zs = S.zero_shot(tmp_path / "nf4", zero_shot, lambda *_: batches, "cpu")
+    for name, prompts in zero_shot.items():  # each prompt set scored on its own: the same accuracy
+        text = S.class_features(base, TextTokens.from_prompts(prompts, "clip-tiny").tokens, "cpu", torch.float32)
+        plain = torch.cat([S.logits(base, text, x, "cpu", torch.float32).argmax(-1) for x, _ in batches])
+        assert zs["zero_shot"][name] == S.accuracy(plain, gold), name
+    assert set(zs["zero_shot"]) == {"clip", "coop"} and zs["n_test"] == both["n_test"] == 24
+    assert zs["passes"] == 1 and both["passes"] == 2
+    assert "zero_shot" not in both

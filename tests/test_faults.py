@@ -33,11 +33,13 @@ PARAMS = demo_params({"data.seeds": SEEDS, "methods": METHODS, "train.iterations
 
 
 def full_run(folder: Path) -> Path:
-    """prepare, both bases, train and evaluate both methods, profile lora: every stage but aggregate."""
+    """prepare, both bases, train and evaluate both methods, both bases' zero-shot, profile lora: every stage but
+    aggregate."""
     with project(folder, PARAMS), single_thread():
         steps = [("prepare", "--dataset", "shapes"), ("quantize", "--base", "bf16"), ("quantize", "--base", "nf4")]
         for m in METHODS:
             steps += [("train", "--method", m, "--dataset", "shapes"), ("evaluate", "--method", m, "--dataset", "shapes")]
+        steps += [("zeroshot", "--base", b, "--dataset", "shapes") for b in ("bf16", "nf4")]
         steps += [("profile", "--method", "lora")]
         for args in steps:
             r = invoke(*args)
@@ -93,11 +95,17 @@ def test_adapters_are_bitwise_identical(runs, method):
     assert not torch.equal(per_seed[1][k], per_seed[2][k])
 
 
+@pytest.mark.parametrize("base", ["bf16", "nf4"])
+def test_zero_shot_metrics_are_identical(runs, base):
+    z = [json.loads((f / f"metrics/zeroshot/{base}/shapes.json").read_text()) for f in runs]
+    assert z[0] == z[1] and z[0]["n_test"] == 240
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_metrics_are_identical(runs, method):
     one, two = runs
     ev = [json.loads((f / f"metrics/eval/{method}/shapes.json").read_text()) for f in runs]
-    for key in ("accuracy", "accuracy_mean", "accuracy_std", "zero_shot_accuracy", "per_class", "n_test"):
+    for key in ("accuracy", "accuracy_mean", "accuracy_std", "per_class", "n_test"):
         assert ev[0][key] == ev[1][key], key
     assert ev[0]["n_test"] == 240 and set(ev[0]["accuracy"]) == {"1", "2"}
     tr = [json.loads((f / f"metrics/train/{method}/shapes.json").read_text()) for f in runs]
@@ -118,7 +126,8 @@ def test_every_metrics_file_records_versions_device_and_seeds(runs):
     files = sorted((one / "metrics").rglob("*.json"))
     names = [str(f.relative_to(one / "metrics")) for f in files]
     assert names == ["eval/lora/shapes.json", "eval/qlora/shapes.json", "profile/lora.json", "static/bf16.json",
-                     "static/nf4.json", "train/lora/shapes.json", "train/qlora/shapes.json"]
+                     "static/nf4.json", "train/lora/shapes.json", "train/qlora/shapes.json",
+                     "zeroshot/bf16/shapes.json", "zeroshot/nf4/shapes.json"]
     expected = {"torch": torch.__version__, "open_clip": open_clip.__version__, "peft": peft.__version__,
                 "bitsandbytes": bitsandbytes.__version__}
     for f, name in zip(files, names):
@@ -366,6 +375,7 @@ def _oom(*args, **kwargs):
 @pytest.mark.parametrize("target,args", [
     ("train", ("train", "--method", "lora", "--dataset", "shapes")),
     ("evaluate", ("evaluate", "--method", "qlora", "--dataset", "shapes")),
+    ("zeroshot", ("zeroshot", "--base", "nf4", "--dataset", "shapes")),
     ("profile", ("profile", "--method", "lora")),
     ("quantize", ("quantize", "--base", "nf4")),
 ])

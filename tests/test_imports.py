@@ -49,6 +49,20 @@ def test_prepare_imports_no_torch(tmp_path):
     assert json.loads((tmp_path / "data" / "splits" / "shapes.json").read_text())["dataset"] == "shapes"
 
 
+def test_zeroshot_imports_no_peft(tmp_path):
+    """Scoring the base needs no adapters: the zeroshot stage runs without PEFT, whose import (it loads
+    transformers' auto-model machinery) is most of a train or evaluate stage's start-up on a GPU machine.
+    transformers itself is still imported, by open_clip (its Hugging Face text-tower module)."""
+    write_params(tmp_path, demo_params())
+    assert run_stage_probe(tmp_path, "prepare", "--dataset", "shapes")["exit"] == 0
+    assert run_stage_probe(tmp_path, "quantize", "--base", "bf16")["exit"] == 0
+    out = run_stage_probe(tmp_path, "zeroshot", "--base", "bf16", "--dataset", "shapes")
+    assert out["exit"] == 0 and "torch" in out["heavy"], out
+    assert "peft" not in out["heavy"], out
+    z = json.loads((tmp_path / "metrics" / "zeroshot" / "bf16" / "shapes.json").read_text())
+    assert z["base"] == "bf16" and z["dataset"] == "shapes" and set(z["zero_shot"]) == {"clip", "coop"}
+
+
 def test_aggregate_imports_no_torch(tmp_path):
     from test_report import DATASETS, make_inputs
 

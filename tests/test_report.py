@@ -72,6 +72,10 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
             "arch": "ViT-B-16", "pretrained": True, "device": device,
             "quant": {"type": "nf4", "double_quant": True, "blocksize": 64} if base == "nf4" else None,
             "versions": ver})
+        for d in datasets:
+            w(f"metrics/zeroshot/{base}/{d}.json", {
+                "base": base, "dataset": d, "pretrained": True, "device": device, "zero_shot_accuracy": ZERO_SHOT[d],
+                "zero_shot": {"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN}, "n_test": 30})
     for m in methods:
         for d in datasets:
             w(f"metrics/train/{m}/{d}.json", {
@@ -87,8 +91,7 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
             w(f"metrics/eval/{m}/{d}.json", {
                 "method": m, "dataset": d, "pretrained": True, "accuracy_mean": _mean(accs),
                 "accuracy_std": _std(accs), "accuracy": {str(s): a for s, a in zip(SEEDS, accs)},
-                "zero_shot_accuracy": ZERO_SHOT[d], "per_class": {c: 50.0 for c in CLASSES[d]},
-                "zero_shot": {"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN}, "n_test": 30})
+                "per_class": {c: 50.0 for c in CLASSES[d]}, "n_test": 30})
             loss = root / f"dvclive/train/{m}/{d}/seed1/plots/metrics/train"
             loss.mkdir(parents=True, exist_ok=True)
             step_every = 1 if m != "qlora_gc" else 2  # different logging steps must still plot
@@ -324,6 +327,7 @@ def test_fewer_methods_and_stale_outputs(tmp_path):
 
 @pytest.mark.parametrize("rel", ["metrics/static/nf4.json", "metrics/train/qlora/dtd.json",
                                  "metrics/eval/lora_gc/eurosat.json", "metrics/profile/qlora_gc.json",
+                                 "metrics/zeroshot/nf4/dtd.json",
                                  "dvclive/train/lora/dtd/seed1/plots/metrics/train/loss.tsv",
                                  "plots/confusion/lora_gc/dtd.json"])
 def test_missing_input_names_file(tmp_path, rel):
@@ -333,6 +337,31 @@ def test_missing_input_names_file(tmp_path, rel):
         run(tmp_path)
     assert not (tmp_path / "metrics" / "summary.json").exists()
     assert not (tmp_path / "reports" / "results.md").exists()
+
+
+def test_zero_shot_read_once_per_base_one_column_per_base_when_they_differ(tmp_path):
+    """The zeroshot stage's file of each base is the zero-shot of every method on that base; when the 4-bit base
+    scores differently from the bf16 one, each gets its column (both prompt sets), and the summary's per-method
+    zero-shot mean follows its base."""
+    make_inputs(tmp_path)
+    for d in DATASETS:
+        p = tmp_path / "metrics" / "zeroshot" / "nf4" / f"{d}.json"
+        z = json.loads(p.read_text())
+        p.write_text(json.dumps({**z, "zero_shot_accuracy": ZERO_SHOT[d] - 1.0,
+                                 "zero_shot": {"clip": ZERO_SHOT[d] - 1.0, "coop": ZERO_SHOT[d] - 2.0}}))
+    s, _ = run(tmp_path)
+    text = (tmp_path / "reports/results.md").read_text()
+    header = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| dataset")).strip("|").split("|")]
+    assert header[1:5] == ["zero-shot (bf16), 'a photo of a {}.'", "zero-shot (bf16), CoOp templates, as the "
+                           "paper's zero-shot row", "zero-shot (nf4), 'a photo of a {}.'",
+                           "zero-shot (nf4), CoOp templates, as the paper's zero-shot row"]
+    first = [c.strip() for c in next(l for l in text.splitlines()
+                                     if l.startswith(f"| {DATASETS[0]} ")).strip("|").split("|")]
+    z0 = ZERO_SHOT[DATASETS[0]]
+    assert first[1:5] == [f"{z0:.2f}", f"{z0 + COOP_GAIN:.2f}", f"{z0 - 1:.2f}", f"{z0 - 2:.2f}"]
+    for m in METHODS:
+        shift = 1.0 if METHOD_TABLE[m].base == "nf4" else 0.0
+        assert s[m]["zero_shot_mean"] == pytest.approx(_mean(list(ZERO_SHOT.values())) - shift)
 
 
 def test_malformed_input_is_user_error(tmp_path):

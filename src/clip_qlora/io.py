@@ -79,13 +79,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour the numbers depend on."""
+    """Versions of the libraries whose behaviour the numbers depend on.
+
+    A module already imported tells its own version (torch's carries its CUDA build, "+cu130", which the
+    distribution's metadata may not); one not imported is read from the installed distribution, not imported:
+    importing PEFT (and the transformers modules it pulls in) costs 10-20 s on a GPU machine, and a stage that
+    never uses it must not pay that to name it."""
+    import sys
+    from importlib import metadata
+
     out = {"python": platform.python_version()}
-    for name, mod in [("torch", "torch"), ("open_clip", "open_clip"), ("peft", "peft"),
-                      ("bitsandbytes", "bitsandbytes")]:
+    for name, mod, dist in [("torch", "torch", "torch"), ("open_clip", "open_clip", "open_clip_torch"),
+                            ("peft", "peft", "peft"), ("bitsandbytes", "bitsandbytes", "bitsandbytes")]:
         try:
-            out[name] = __import__(mod).__version__
-        except Exception:  # a missing optional library is recorded, not fatal
+            out[name] = sys.modules[mod].__version__ if mod in sys.modules else metadata.version(dist)
+        except (metadata.PackageNotFoundError, AttributeError):  # a missing optional library is recorded, not fatal
             out[name] = "missing"
     return out
 

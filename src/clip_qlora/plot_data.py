@@ -80,7 +80,7 @@ def draw_figures(inp: Inputs, raw: dict, pngs: dict[str, Path]) -> None:
         pngs["accuracy"], methods=inp.methods, datasets=inp.datasets,
         mean={m: {d: inp.eval[m, d]["accuracy_mean"] for d in inp.datasets} for m in inp.methods},
         std={m: {d: inp.eval[m, d].get("accuracy_std") or 0.0 for d in inp.datasets} for m in inp.methods},
-        zero_shot={d: inp.eval[zs_col, d].get("zero_shot_accuracy") for d in inp.datasets},
+        zero_shot={d: inp.zeroshot[zs_col, d].get("zero_shot_accuracy") for d in inp.datasets},
         n_seeds_text=n_seeds_text(inp.n_seeds), pretrained=pre)
     measures = ["static", f"peak allocated ({TRAIN_ROW})",
                 *(f"peak allocated ({batch_label(b)})" for b in inp.batches)]

@@ -1,8 +1,9 @@
 """The aggregate stage's inputs: every per-stage file read and checked before anything is written.
 
-Inputs (written by the quantize, train, evaluate and profile stages; numbers may be null where unmeasured):
+Inputs (written by the quantize, train, evaluate, zeroshot and profile stages; numbers may be null where
+unmeasured):
     metrics/static/<base>.json, metrics/train/<method>/<dataset>.json,
-    metrics/eval/<method>/<dataset>.json, metrics/profile/<method>.json,
+    metrics/eval/<method>/<dataset>.json, metrics/zeroshot/<base>/<dataset>.json, metrics/profile/<method>.json,
     dvclive/train/<method>/<dataset>/seed<k>/plots/metrics/train/loss.tsv,
     plots/confusion/<method>/<dataset>.json
 A missing or malformed file is one line naming it (UserError).
@@ -62,6 +63,7 @@ class Inputs:
     static: dict[str, dict] = field(default_factory=dict)  # base -> static file
     train: dict[tuple[str, str], dict] = field(default_factory=dict)
     eval: dict[tuple[str, str], dict] = field(default_factory=dict)
+    zeroshot: dict[tuple[str, str], dict] = field(default_factory=dict)  # (base, dataset) -> zeroshot file
     profile: dict[str, dict] = field(default_factory=dict)
     batches: list[str] = field(default_factory=list)  # union of profile batch keys, in file order
     pretrained: bool = True
@@ -98,6 +100,18 @@ def load(methods: list[str], datasets: list[str], metrics_dir: Path) -> Inputs:
         flags.append(_bool(data, "pretrained", path))
         device(data, path)
         inp.static[base] = data
+        for ds in datasets:
+            path = metrics_dir / "zeroshot" / base / f"{ds}.json"
+            data = _obj(path)
+            _check_ids(data, path, base=base, dataset=ds)
+            _num(data, "zero_shot_accuracy", path, nullable=True)
+            sets = data.get("zero_shot")
+            if not isinstance(sets, dict) or not sets:
+                raise UserError(f"{path}: 'zero_shot' must be a non-empty object of prompt set -> accuracy")
+            for name in sets:
+                _num(sets, name, path, nullable=True)
+            flags.append(_bool(data, "pretrained", path))
+            inp.zeroshot[base, ds] = data
 
     for m in methods:
         for ds in datasets:
@@ -118,7 +132,6 @@ def load(methods: list[str], datasets: list[str], metrics_dir: Path) -> Inputs:
             _check_ids(data, path, method=m, dataset=ds)
             _num(data, "accuracy_mean", path)
             _num(data, "accuracy_std", path, nullable=True)
-            _num(data, "zero_shot_accuracy", path, nullable=True)
             acc = data.get("accuracy")
             if not isinstance(acc, dict) or not acc:
                 raise UserError(f"{path}: 'accuracy' must be a non-empty object of seed -> accuracy")

@@ -124,9 +124,9 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 PROMPT_SETS = {"clip": "'a photo of a {}.'", "coop": "CoOp templates, as the paper's zero-shot row"}
 
 
-def _prompt_sets(inp: Inputs, src: str) -> list[str]:
-    """The zero-shot prompt sets every dataset's evaluation of `src` measured (none for older metrics)."""
-    sets = [set((inp.eval[src, d].get("zero_shot") or {})) for d in inp.datasets]
+def _prompt_sets(inp: Inputs, base: str) -> list[str]:
+    """The zero-shot prompt sets measured for `base` on every dataset."""
+    sets = [set(inp.zeroshot[base, d]["zero_shot"]) for d in inp.datasets]
     return [k for k in PROMPT_SETS if all(k in s for s in sets)]
 
 
@@ -135,13 +135,13 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
 
     Zero-shot is shown with each prompt set the evaluation measured: CLIP-LoRA trains and evaluates with
     "a photo of a {}.", while the zero-shot numbers of its paper used CoOp's per-dataset templates."""
-    zs_cols = []  # (title, method supplying it, prompt set or None for the training template's value)
+    zs_cols = []  # (title, base supplying it, prompt set or None for the training template's value)
     for title, src in zero_shot_columns(inp):
         sets = _prompt_sets(inp, src)
         zs_cols += [(f"{title}, {PROMPT_SETS[k]}", src, k) for k in sets] or [(title, src, None)]
 
-    def zero_shot(src, d, k):
-        e = inp.eval[src, d]
+    def zero_shot(base, d, k):
+        e = inp.zeroshot[base, d]
         return e.get("zero_shot_accuracy") if k is None else e["zero_shot"][k]
 
     refs = [reference_column(d) for d in inp.datasets]

@@ -64,7 +64,7 @@ def _method_block(inp: Inputs, m: str) -> dict[str, Any]:
         "accuracy_mean": _mean(e["accuracy_mean"] for e in ev),
         "accuracy_std": _mean(e.get("accuracy_std") for e in ev),
         "accuracy": {d: inp.eval[m, d]["accuracy_mean"] for d in ds},
-        "zero_shot_mean": _mean(e.get("zero_shot_accuracy") for e in ev),
+        "zero_shot_mean": _mean(inp.zeroshot[METHODS[m].base, d].get("zero_shot_accuracy") for d in ds),
         # the base as stored (quantize stage: comparable with the original study's static figures) and as a
         # training run holds it on the device (profile: without the host-side token-embedding table)
         "stored_base_bytes": static["stored_base_bytes"],
@@ -141,13 +141,9 @@ def build_summary(inp: Inputs) -> dict[str, Any]:
 
 
 def zero_shot_columns(inp: Inputs) -> list[tuple[str, str]]:
-    """(column title, method supplying the value). One column if all methods agree, else one per base."""
-    agree = all(len({inp.eval[m, d].get("zero_shot_accuracy") for m in inp.methods}) == 1
-                for d in inp.datasets)
+    """(column title, base supplying the value): the bases of the methods shown, one column if they agree."""
+    bases = list(dict.fromkeys(METHODS[m].base for m in inp.methods))
+    agree = all(len({inp.zeroshot[b, d].get("zero_shot_accuracy") for b in bases}) == 1 for d in inp.datasets)
     if agree:
-        return [("zero-shot", inp.methods[0])]
-    cols = []
-    for base in dict.fromkeys(METHODS[m].base for m in inp.methods):
-        first = next(m for m in inp.methods if METHODS[m].base == base)
-        cols.append((f"zero-shot ({base})", first))
-    return cols
+        return [("zero-shot", bases[0])]
+    return [(f"zero-shot ({base})", base) for base in bases]

@@ -1,4 +1,5 @@
-"""The evaluate stage: each seed's accuracy (overall, per class, confusion) and the base's zero-shot accuracy."""
+"""The evaluate stage: each seed's accuracy (overall, per class, confusion); the base's zero-shot accuracy is
+the zeroshot stage's (once per base and dataset)."""
 from __future__ import annotations
 
 import statistics
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from ..base import resolve_device
 from ..data.images import eval_batches
-from ..data.splits import class_prompts, load_split, zero_shot_templates
+from ..data.splits import class_prompts, load_split
 from ..evaluate import evaluate_method
 from ..io import UserError, read_json, write_json
 from . import adapter_dir, base_of, common, split_path
@@ -25,13 +26,8 @@ def evaluate(p, method: str, dataset: str) -> dict:
     def make_batches(size, mean, std):  # decoded on the GPU when evaluating on one
         return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device)
 
-    # zero-shot with both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row
-    # used CoOp's per-dataset templates
-    zero_shot_prompts = {name: [template.format(c) for c in split["classnames"]]
-                         for name, template in zero_shot_templates(dataset).items()}
     r = evaluate_method(base_dir=base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
-                        zero_shot_prompts=zero_shot_prompts, classnames=split["classnames"],
-                        make_batches=make_batches, device=device)
+                        classnames=split["classnames"], make_batches=make_batches, device=device)
     accs = list(r["accuracy"].values())
     per_class = {c: statistics.mean(v[c] for v in r["per_seed_per_class"].values()
                                     if v[c] is not None) if any(v[c] is not None for v in
@@ -41,8 +37,6 @@ def evaluate(p, method: str, dataset: str) -> dict:
                "accuracy_mean": statistics.mean(accs),
                "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                "accuracy": r["accuracy"],
-               # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: both sets
-               "zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
                "per_class": per_class, "n_test": r["n_test"], "passes": r["passes"],
                **common(device, read_json(base_of(method) / "base.json"))}
     write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
