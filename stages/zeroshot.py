@@ -1,18 +1,17 @@
 from pathlib import Path
 
-from stages.app import BaseOpt, DatasetOpt, DebugOpt, ParamsOpt, app, stage
+from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, stage
 
 
 @app.command()
 @stage
-def zeroshot(base: str = BaseOpt, dataset: str = DatasetOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
-    """Zero-shot accuracy of one base (no adapters) on one dataset's test split, with every prompt set."""
+def zeroshot(base: str = BaseOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
+    """Zero-shot accuracy of one base (no adapters) on every dataset's test split, with every prompt set."""
     from clip_qlora import config
     from clip_qlora.backends import BACKENDS
 
     p = config.load(params)
     config.require_member("base", base, list(BACKENDS))
-    config.require_member("dataset", dataset, p.datasets)
     from clip_qlora.pipeline.zeroshot import zeroshot as run  # torch: after params are checked
 
-    run(p, base, dataset)
+    run(p, base)

@@ -72,8 +72,7 @@ def test_quantize_bases_and_pointers_agree_with_backends():
 
 def test_zeroshot_bases_agree_with_backends():
     dvc, _ = load_pipeline()
-    assert dvc["stages"]["zeroshot"]["matrix"]["base"] == list(BACKENDS)
-    assert dvc["stages"]["zeroshot"]["matrix"]["dataset"] == "${datasets}"
+    assert dvc["stages"]["zeroshot"]["foreach"] == list(BACKENDS)
 
 
 def test_method_lists_come_from_params():
@@ -98,6 +97,6 @@ def test_stage_instances_match_dvcs_names():
               "scale": {**params["scale"], "archs": ["clip-tiny"]}}
     names = set(stage_instances(dvc, params))
     assert names == {"prepare@shapes", "quantize@bf16", "quantize@nf4", "train@lora-shapes", "train@qlora-shapes",
-                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "zeroshot@bf16-shapes", "zeroshot@nf4-shapes",
+                     "evaluate@lora-shapes", "evaluate@qlora-shapes", "zeroshot@bf16", "zeroshot@nf4",
                      "profile@lora", "profile@qlora", "aggregate",
                      "scale@clip-tiny", "scale_report"}

@@ -108,7 +108,7 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
 
     base, _ = load_base(tmp_path / "nf4", "cpu")
     gold = torch.cat([y for _, y in batches])
-    zs = S.zero_shot(tmp_path / "nf4", zero_shot, lambda *_: batches, "cpu")
+    zs = S.zero_shot(*load_base(tmp_path / "nf4", "cpu"), zero_shot, lambda *_: batches, "cpu")
     for name, prompts in zero_shot.items():  # each prompt set scored on its own: the same accuracy
         text = S.class_features(base, TextTokens.from_prompts(prompts, "clip-tiny").tokens, "cpu", torch.float32)
         plain = torch.cat([S.logits(base, text, x, "cpu", torch.float32).argmax(-1) for x, _ in batches])

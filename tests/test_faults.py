@@ -39,7 +39,7 @@ def full_run(folder: Path) -> Path:
         steps = [("prepare", "--dataset", "shapes"), ("quantize", "--base", "bf16"), ("quantize", "--base", "nf4")]
         for m in METHODS:
             steps += [("train", "--method", m, "--dataset", "shapes"), ("evaluate", "--method", m, "--dataset", "shapes")]
-        steps += [("zeroshot", "--base", b, "--dataset", "shapes") for b in ("bf16", "nf4")]
+        steps += [("zeroshot", "--base", b) for b in ("bf16", "nf4")]
         steps += [("profile", "--method", "lora")]
         for args in steps:
             r = invoke(*args)
@@ -97,8 +97,8 @@ def test_adapters_are_bitwise_identical(runs, method):
 
 @pytest.mark.parametrize("base", ["bf16", "nf4"])
 def test_zero_shot_metrics_are_identical(runs, base):
-    z = [json.loads((f / f"metrics/zeroshot/{base}/shapes.json").read_text()) for f in runs]
-    assert z[0] == z[1] and z[0]["n_test"] == 240
+    z = [json.loads((f / f"metrics/zeroshot/{base}.json").read_text()) for f in runs]
+    assert z[0] == z[1] and z[0]["datasets"]["shapes"]["n_test"] == 240
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -127,7 +127,7 @@ def test_every_metrics_file_records_versions_device_and_seeds(runs):
     names = [str(f.relative_to(one / "metrics")) for f in files]
     assert names == ["eval/lora/shapes.json", "eval/qlora/shapes.json", "profile/lora.json", "static/bf16.json",
                      "static/nf4.json", "train/lora/shapes.json", "train/qlora/shapes.json",
-                     "zeroshot/bf16/shapes.json", "zeroshot/nf4/shapes.json"]
+                     "zeroshot/bf16.json", "zeroshot/nf4.json"]
     expected = {"torch": torch.__version__, "open_clip": open_clip.__version__, "peft": peft.__version__,
                 "bitsandbytes": bitsandbytes.__version__}
     for f, name in zip(files, names):
@@ -375,7 +375,7 @@ def _oom(*args, **kwargs):
 @pytest.mark.parametrize("target,args", [
     ("train", ("train", "--method", "lora", "--dataset", "shapes")),
     ("evaluate", ("evaluate", "--method", "qlora", "--dataset", "shapes")),
-    ("zeroshot", ("zeroshot", "--base", "nf4", "--dataset", "shapes")),
+    ("zeroshot", ("zeroshot", "--base", "nf4")),
     ("profile", ("profile", "--method", "lora")),
     ("quantize", ("quantize", "--base", "nf4")),
 ])

@@ -56,11 +56,11 @@ def test_zeroshot_imports_no_peft(tmp_path):
     write_params(tmp_path, demo_params())
     assert run_stage_probe(tmp_path, "prepare", "--dataset", "shapes")["exit"] == 0
     assert run_stage_probe(tmp_path, "quantize", "--base", "bf16")["exit"] == 0
-    out = run_stage_probe(tmp_path, "zeroshot", "--base", "bf16", "--dataset", "shapes")
+    out = run_stage_probe(tmp_path, "zeroshot", "--base", "bf16")
     assert out["exit"] == 0 and "torch" in out["heavy"], out
     assert "peft" not in out["heavy"], out
-    z = json.loads((tmp_path / "metrics" / "zeroshot" / "bf16" / "shapes.json").read_text())
-    assert z["base"] == "bf16" and z["dataset"] == "shapes" and set(z["zero_shot"]) == {"clip", "coop"}
+    z = json.loads((tmp_path / "metrics" / "zeroshot" / "bf16.json").read_text())
+    assert z["base"] == "bf16" and set(z["datasets"]["shapes"]["zero_shot"]) == {"clip", "coop"}
 
 
 def test_aggregate_imports_no_torch(tmp_path):

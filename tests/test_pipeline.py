@@ -59,14 +59,14 @@ SPEED = {
     "scale": {"archs": [SCALE_ARCH], "batches": ["2x1"], "n_classes": 2, "warmup": 1, "steps": 1},
 }
 
-ZEROSHOT = {f"zeroshot@bf16-{DATASET}", f"zeroshot@nf4-{DATASET}"}  # once per base, not per method
+ZEROSHOT = {"zeroshot@bf16", "zeroshot@nf4"}  # once per base, not per method
 ALL_STAGES = {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4", "aggregate", *ZEROSHOT,
               *(f"train@{m}-{DATASET}" for m in METHODS), *(f"evaluate@{m}-{DATASET}" for m in METHODS),
               *(f"profile@{m}" for m in METHODS), f"scale@{SCALE_ARCH}", "scale_report"}
 # what a change of quant.* must rerun: the NF4 base and everything downstream of the qlora pointers, and
 # the scale study (it builds its NF4 bases itself, from quant.*)
 SCALE_SIDE = {f"scale@{SCALE_ARCH}", "scale_report"}
-BLOCKSIZE_RERUN = {"quantize@nf4", f"zeroshot@nf4-{DATASET}", "aggregate", *(f"train@{m}-{DATASET}" for m in QLORA_SIDE),
+BLOCKSIZE_RERUN = {"quantize@nf4", "zeroshot@nf4", "aggregate", *(f"train@{m}-{DATASET}" for m in QLORA_SIDE),
                    *(f"evaluate@{m}-{DATASET}" for m in QLORA_SIDE), *(f"profile@{m}" for m in QLORA_SIDE),
                    *SCALE_SIDE}
 # what a change of lora.* must rerun: every method's train, evaluate, profile, aggregate, and the scale study;
@@ -83,7 +83,7 @@ STAGE_OPTIONS = {
     "quantize": ["--base"],
     "train": ["--method", "--dataset"],
     "evaluate": ["--method", "--dataset"],
-    "zeroshot": ["--base", "--dataset"],
+    "zeroshot": ["--base"],
     "profile": ["--method"],
     "aggregate": [],
     "scale": ["--arch"],
@@ -372,10 +372,11 @@ def test_eval_metrics(pipeline, method):
 def test_zeroshot_metrics_once_per_base(pipeline, base):
     """Zero-shot is the zeroshot stage's, per base: not in any evaluate stage's metrics."""
     root = pipeline["repo"].root
-    z = read(root, f"metrics/zeroshot/{base}/{DATASET}.json")
-    assert z["base"] == base and z["dataset"] == DATASET and z["pretrained"] is False
-    assert set(z["zero_shot"]) == {"clip", "coop"} and z["zero_shot_accuracy"] == z["zero_shot"]["clip"]
-    assert z["n_test"] == read(root, f"metrics/eval/lora/{DATASET}.json")["n_test"]
+    z = read(root, f"metrics/zeroshot/{base}.json")
+    assert z["base"] == base and list(z["datasets"]) == [DATASET] and z["pretrained"] is False
+    d = z["datasets"][DATASET]
+    assert set(d["zero_shot"]) == {"clip", "coop"} and d["zero_shot_accuracy"] == d["zero_shot"]["clip"]
+    assert d["n_test"] == read(root, f"metrics/eval/lora/{DATASET}.json")["n_test"]
     assert all("zero_shot" not in read(root, f"metrics/eval/{m}/{DATASET}.json") for m in METHODS)
 
 

@@ -72,10 +72,10 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
             "arch": "ViT-B-16", "pretrained": True, "device": device,
             "quant": {"type": "nf4", "double_quant": True, "blocksize": 64} if base == "nf4" else None,
             "versions": ver})
-        for d in datasets:
-            w(f"metrics/zeroshot/{base}/{d}.json", {
-                "base": base, "dataset": d, "pretrained": True, "device": device, "zero_shot_accuracy": ZERO_SHOT[d],
-                "zero_shot": {"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN}, "n_test": 30})
+        w(f"metrics/zeroshot/{base}.json", {
+            "base": base, "pretrained": True, "device": device, "versions": ver, "datasets": {
+                d: {"zero_shot_accuracy": ZERO_SHOT[d], "n_test": 30,
+                    "zero_shot": {"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN}} for d in datasets}})
     for m in methods:
         for d in datasets:
             w(f"metrics/train/{m}/{d}.json", {
@@ -327,7 +327,7 @@ def test_fewer_methods_and_stale_outputs(tmp_path):
 
 @pytest.mark.parametrize("rel", ["metrics/static/nf4.json", "metrics/train/qlora/dtd.json",
                                  "metrics/eval/lora_gc/eurosat.json", "metrics/profile/qlora_gc.json",
-                                 "metrics/zeroshot/nf4/dtd.json",
+                                 "metrics/zeroshot/nf4.json",
                                  "dvclive/train/lora/dtd/seed1/plots/metrics/train/loss.tsv",
                                  "plots/confusion/lora_gc/dtd.json"])
 def test_missing_input_names_file(tmp_path, rel):
@@ -344,11 +344,12 @@ def test_zero_shot_read_once_per_base_one_column_per_base_when_they_differ(tmp_p
     scores differently from the bf16 one, each gets its column (both prompt sets), and the summary's per-method
     zero-shot mean follows its base."""
     make_inputs(tmp_path)
+    p = tmp_path / "metrics" / "zeroshot" / "nf4.json"
+    z = json.loads(p.read_text())
     for d in DATASETS:
-        p = tmp_path / "metrics" / "zeroshot" / "nf4" / f"{d}.json"
-        z = json.loads(p.read_text())
-        p.write_text(json.dumps({**z, "zero_shot_accuracy": ZERO_SHOT[d] - 1.0,
-                                 "zero_shot": {"clip": ZERO_SHOT[d] - 1.0, "coop": ZERO_SHOT[d] - 2.0}}))
+        z["datasets"][d] = {**z["datasets"][d], "zero_shot_accuracy": ZERO_SHOT[d] - 1.0,
+                            "zero_shot": {"clip": ZERO_SHOT[d] - 1.0, "coop": ZERO_SHOT[d] - 2.0}}
+    p.write_text(json.dumps(z))
     s, _ = run(tmp_path)
     text = (tmp_path / "reports/results.md").read_text()
     header = [c.strip() for c in next(l for l in text.splitlines() if l.startswith("| dataset")).strip("|").split("|")]
@@ -362,6 +363,18 @@ def test_zero_shot_read_once_per_base_one_column_per_base_when_they_differ(tmp_p
     for m in METHODS:
         shift = 1.0 if METHOD_TABLE[m].base == "nf4" else 0.0
         assert s[m]["zero_shot_mean"] == pytest.approx(_mean(list(ZERO_SHOT.values())) - shift)
+
+
+def test_zero_shot_file_without_a_dataset_names_it(tmp_path):
+    make_inputs(tmp_path)
+    p = tmp_path / "metrics" / "zeroshot" / "bf16.json"
+    z = json.loads(p.read_text())
+    del z["datasets"]["dtd"]
+    p.write_text(json.dumps(z))
+    with pytest.raises(UserError, match=r"bf16\.json: no zero-shot result for dataset 'dtd'; rerun the zeroshot "
+                                        r"stage \(dvc repro zeroshot@bf16\)"):
+        run(tmp_path)
+    assert not (tmp_path / "reports" / "results.md").exists()
 
 
 def test_malformed_input_is_user_error(tmp_path):

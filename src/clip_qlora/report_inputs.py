@@ -3,7 +3,7 @@
 Inputs (written by the quantize, train, evaluate, zeroshot and profile stages; numbers may be null where
 unmeasured):
     metrics/static/<base>.json, metrics/train/<method>/<dataset>.json,
-    metrics/eval/<method>/<dataset>.json, metrics/zeroshot/<base>/<dataset>.json, metrics/profile/<method>.json,
+    metrics/eval/<method>/<dataset>.json, metrics/zeroshot/<base>.json, metrics/profile/<method>.json,
     dvclive/train/<method>/<dataset>/seed<k>/plots/metrics/train/loss.tsv,
     plots/confusion/<method>/<dataset>.json
 A missing or malformed file is one line naming it (UserError).
@@ -63,7 +63,7 @@ class Inputs:
     static: dict[str, dict] = field(default_factory=dict)  # base -> static file
     train: dict[tuple[str, str], dict] = field(default_factory=dict)
     eval: dict[tuple[str, str], dict] = field(default_factory=dict)
-    zeroshot: dict[tuple[str, str], dict] = field(default_factory=dict)  # (base, dataset) -> zeroshot file
+    zeroshot: dict[tuple[str, str], dict] = field(default_factory=dict)  # (base, dataset) -> its results
     profile: dict[str, dict] = field(default_factory=dict)
     batches: list[str] = field(default_factory=list)  # union of profile batch keys, in file order
     pretrained: bool = True
@@ -100,18 +100,26 @@ def load(methods: list[str], datasets: list[str], metrics_dir: Path) -> Inputs:
         flags.append(_bool(data, "pretrained", path))
         device(data, path)
         inp.static[base] = data
+        path = metrics_dir / "zeroshot" / f"{base}.json"
+        data = _obj(path)
+        _check_ids(data, path, base=base)
+        flags.append(_bool(data, "pretrained", path))
+        per_dataset = data.get("datasets")
+        if not isinstance(per_dataset, dict):
+            raise UserError(f"{path}: 'datasets' must be an object of dataset -> zero-shot results")
         for ds in datasets:
-            path = metrics_dir / "zeroshot" / base / f"{ds}.json"
-            data = _obj(path)
-            _check_ids(data, path, base=base, dataset=ds)
-            _num(data, "zero_shot_accuracy", path, nullable=True)
-            sets = data.get("zero_shot")
+            if ds not in per_dataset:
+                raise UserError(f"{path}: no zero-shot result for dataset {ds!r}; rerun the zeroshot stage "
+                                f"(dvc repro zeroshot@{base})")
+            entry = per_dataset[ds]
+            _num(entry, "zero_shot_accuracy", path, nullable=True)
+            sets = entry.get("zero_shot") if isinstance(entry, dict) else None
             if not isinstance(sets, dict) or not sets:
-                raise UserError(f"{path}: 'zero_shot' must be a non-empty object of prompt set -> accuracy")
+                raise UserError(f"{path}: datasets.{ds}.zero_shot must be a non-empty object of prompt set -> "
+                                f"accuracy")
             for name in sets:
                 _num(sets, name, path, nullable=True)
-            flags.append(_bool(data, "pretrained", path))
-            inp.zeroshot[base, ds] = data
+            inp.zeroshot[base, ds] = entry
 
     for m in methods:
         for ds in datasets:

@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from .base import load_base
 from .model import TextTokens, cosine_logits, encode_image, encode_text, preprocess_stats, unit
 from .progress import Bar
 
@@ -66,10 +65,9 @@ def predict(batches, score, device: str, label: str):
     return {key: torch.cat(v) for key, v in preds.items()}, gold, seconds
 
 
-def zero_shot(base_dir, prompt_sets: dict[str, list[str]], make_batches, device: str) -> dict:
-    """Accuracy of the saved base, no adapters, with each prompt set: one image forward per test image, the
-    class features of every prompt set compared with it."""
-    model, meta = load_base(base_dir, device)
+def zero_shot(model, meta: dict, prompt_sets: dict[str, list[str]], make_batches, device: str) -> dict:
+    """Accuracy of a loaded base (`base.load_base`), no adapters, with each prompt set: one image forward per
+    test image, the class features of every prompt set compared with it."""
     model.eval()
     dtype = getattr(torch, meta["compute_dtype"])
     size, mean, std = preprocess_stats(model)
