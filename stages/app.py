@@ -24,7 +24,17 @@ BaseOpt = typer.Option(..., help=", ".join(f"{b} (the {s.label} arm's base)" for
 DatasetOpt = typer.Option(..., help="dataset name from params.yaml 'datasets'")
 
 
-def stage(fn):
+TRAINING_OOM = ("use a method with gradient checkpointing (lora_gc/qlora_gc) or a smaller micro-batch with more "
+                "accumulation (train.grad_accum)")
+SCORING_OOM = "lower eval.batch_size (test images per forward)"
+
+
+def scoring_stage(fn):
+    """`stage` for the commands that only score (evaluate, zeroshot): their memory is eval.batch_size's."""
+    return stage(fn, oom_advice=SCORING_OOM)
+
+
+def stage(fn, oom_advice: str = TRAINING_OOM):
     """Wrap a stage command: logging set up, user errors as one line, OOM as advice."""
 
     @functools.wraps(fn)
@@ -43,9 +53,8 @@ def stage(fn):
             torch = sys.modules.get("torch")  # not imported: not a CUDA OOM (prepare and aggregate run without it)
             if torch is not None and isinstance(e, torch.OutOfMemoryError) and not kwargs.get("debug"):
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-                print(f"error: CUDA out of memory after a peak of {peak:.2f} GiB allocated; use a method with "
-                      f"gradient checkpointing (lora_gc/qlora_gc) or a smaller micro-batch with more "
-                      f"accumulation (train.grad_accum)", file=sys.stderr)
+                print(f"error: CUDA out of memory after a peak of {peak:.2f} GiB allocated; {oom_advice}",
+                      file=sys.stderr)
                 raise typer.Exit(3)
             raise
 

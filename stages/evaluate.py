@@ -1,12 +1,12 @@
 from pathlib import Path
 
-from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, stage
+from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, scoring_stage
 
 
 @app.command()
-@stage
+@scoring_stage
 def evaluate(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
-    """Top-1 accuracy (overall and per class) of each seed's adapters, and the base's zero-shot accuracy."""
+    """Top-1 accuracy (overall and per class) of each seed's adapters (the base's zero-shot: zeroshot)."""
     from clip_qlora import config
 
     p = config.load(params)

@@ -1,10 +1,10 @@
 from pathlib import Path
 
-from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, stage
+from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, scoring_stage
 
 
 @app.command()
-@stage
+@scoring_stage
 def zeroshot(base: str = BaseOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
     """Zero-shot accuracy of one base (no adapters) on every dataset's test split, with every prompt set."""
     from clip_qlora import config

@@ -387,9 +387,11 @@ def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
         assert r.exit_code == 3, (r.output, r.exception)
         lines = stderr_lines(r.stderr)
         assert len(lines) == 1 and "Traceback" not in r.output
-        assert re.fullmatch(r"error: CUDA out of memory after a peak of (nan|\d+\.\d\d) GiB allocated; use a method "
-                            r"with gradient checkpointing \(lora_gc/qlora_gc\) or a smaller micro-batch with more "
-                            r"accumulation \(train\.grad_accum\)", lines[0]), lines[0]
+        advice = (r"lower eval\.batch_size \(test images per forward\)" if target in ("evaluate", "zeroshot") else
+                  r"use a method with gradient checkpointing \(lora_gc/qlora_gc\) or a smaller micro-batch with "
+                  r"more accumulation \(train\.grad_accum\)")
+        assert re.fullmatch(r"error: CUDA out of memory after a peak of (nan|\d+\.\d\d) GiB allocated; " + advice,
+                            lines[0]), lines[0]
         # --debug: the original error, not the advice
         r = invoke(*args, "--debug")
         assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, torch.OutOfMemoryError)
