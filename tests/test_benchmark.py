@@ -6,26 +6,22 @@ same adapters (same trainable parameter count) on the same frozen base (same exa
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from clip_qlora import backends
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_helpers import load_benchmark
+
 METHODS = tuple(backends.METHODS)
 FINITE = ("static_gib", "step_ms", "saved_activation_gib")
 ALLOCATOR = ("allocated_gib", "peak_gib", "reserved_gib")
 
 
 def _load_run():
-    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("run")
 
 
 @pytest.fixture(scope="module")

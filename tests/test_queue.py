@@ -218,11 +218,9 @@ def test_sweep_reads_finish_times_of_its_variants():
 def test_sweep_benchmark_counts_processes_per_gpu():
     """benchmarks/sweep_gpu.py reads nvidia-smi's samples: most processes on one GPU at once, and a process
     seen on two GPUs (a CUDA context on a GPU it did not claim)."""
-    import importlib.util
+    from cli_helpers import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("sweep_gpu", REPO / "benchmarks" / "sweep_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("sweep_gpu")
     apps = ("T 1.0\n"
             "T 2.0\n101, GPU-a, 900\n102, GPU-b, 800\n"
             "T 3.0\n101, GPU-a, 900\n103, GPU-a, 500\n103, GPU-b, 300\n"

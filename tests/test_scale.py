@@ -334,22 +334,12 @@ def test_report_on_cpu_records(tiny_record, tmp_path):
 
 # ---- the GPU script, on CPU -----------------------------------------------------------------------------------
 
-def _bench():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_scale", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_script_measures_then_collects_what_the_pipeline_writes(tmp_path):
     """measure (cut off by its budget, then the rest) and collect: metrics/scale/<arch>.json are the records
     scale@<arch> writes, and the report, result files and README figures follow from them."""
-    from cli_helpers import write_params
+    from cli_helpers import load_benchmark, write_params
 
-    bench = _bench()
+    bench = load_benchmark("scale")
     params = write_params(tmp_path / "proj", demo_params({
         "methods": ["lora", "qlora"], "scale.archs": list(TINY), "scale.batches": ["2x1"],
         "scale.n_classes": 2, "scale.steps": 1}))

@@ -1,23 +1,15 @@
 """benchmarks/study.py's projection and log parsing on made-up numbers (the benchmark itself runs on a GPU)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_study", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from cli_helpers import load_benchmark
 
 
 def test_projection_counts_seed_passes_in_evaluate_and_one_zero_shot_stage_per_base():
-    b = _bench()
+    b = load_benchmark("study")
     x = "dtd"
     n = b.REAL[x][3]
     r = {"dataset": x, "seeds": [1], "methods": ["lora", "qlora"],
@@ -43,7 +35,7 @@ def test_projection_counts_seed_passes_in_evaluate_and_one_zero_shot_stage_per_b
 
 
 def test_collect_reads_the_zero_shot_stage_lines(tmp_path):
-    b = _bench()
+    b = load_benchmark("study")
     dest = tmp_path / "project"
     (dest / "metrics/zeroshot").mkdir(parents=True)
     (dest / "metrics/zeroshot/nf4.json").write_text(json.dumps(
