@@ -255,11 +255,7 @@ class GraphedStep:
             self.loss = self._body()
 
     def _body(self) -> torch.Tensor:
-        run = self.run
-        loss = _accumulate(run, self.inputs)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return _graph_body(self.run, self.inputs)
 
     def __call__(self, micro_batches) -> torch.Tensor:
         for (xs, ys), (x, y) in zip(self.inputs, micro_batches):
@@ -297,6 +293,13 @@ class GraphedSteps:
             first = next(iter(self.graphs.values()), None)
             self.graphs[shape] = GraphedStep(self.run, micro_batches, None if first is None else first.graph.pool())
         return self.graphs[shape](micro_batches)
+
+
+def _graph_body(run: Run, inputs) -> torch.Tensor:
+    loss = _accumulate(run, inputs)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def make_step(run: Run, example, use_graph: bool):
