@@ -1,4 +1,14 @@
 """`python -m stages <stage> --help`: one thin command per DVC stage; the logic lives in clip_qlora."""
+import os
+import sys
+
+if os.environ.get("CLIP_QLORA_WARM"):  # run in a fork of the warm server, which has the libraries loaded
+    from clip_qlora import warm
+
+    served = warm.forward()
+    if served is not None:
+        warm.exit_with(served)
+
 from stages import (aggregate, evaluate, prepare, profile, quantize, scale, scale_report,  # noqa: F401  (register
                     train, zeroshot)  # commands)
 from stages.app import app

@@ -5,13 +5,14 @@ temporary git + DVC repository whose params.yaml is the study's with configs/dem
 `make demo` does) plus the test-speed overrides below. One module-scoped fixture pays for the expensive
 runs; each check is its own test.
 
-Cost: every stage is a fresh Python process spending ~10 s of CPU importing torch, open_clip, peft and
+Cost: a cold stage is a fresh Python process spending ~10 s of CPU importing torch, open_clip, peft and
 bitsandbytes, so the budget is counted in stage processes, not training steps (those are made negligible:
-1 seed, 1 shot, 1 step, a tiny profile, one scale architecture). The default run uses 21: 18 for the first
-`dvc repro`, 1 for `dvc repro quantize@nf4` with quant.expand_absmax off (a setting that leaves the stored
-tensors alone must still reach the qlora side, through the method pointers), 1 for `dvc exp run -S
-quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what each makes stale is read from `dvc status`), 1
-for a stage run by hand. What a lora.r, quant.* or runtime.* change reruns is also checked as DVC plans it
+1 seed, 1 shot, 1 step, a tiny profile, one scale architecture). The first `dvc repro` runs its 19 stages
+warm, as `make run` does (forks of one server that imported the libraries once: clip_qlora.warm); the stages
+run later are cold: 1 for `dvc repro quantize@nf4` with quant.expand_absmax off (a setting that leaves the
+stored tensors alone must still reach the qlora side, through the method pointers), 1 for `dvc exp run -S
+quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what each makes stale is read from `dvc status`),
+and 2 run by hand (evaluate and train), which must write what the warm run wrote. What a lora.r, quant.* or runtime.* change reruns is also checked as DVC plans it
 (`dvc status --json`, `dvc repro --dry --force-downstream`). PIPELINE_TEST_FULL=1 adds the real reruns
 (the rest of the quant.* rerun and `dvc exp run -S lora.r=8`: 20 more stage processes, ~4 more minutes).
 
@@ -90,7 +91,7 @@ STAGE_OPTIONS = {
     "scale_report": [],
 }
 # metrics fields whose value depends on timing (or on the run that wrote them), not on the inputs
-TIMING_KEYS = re.compile(r"(seconds|_ms|_ms_median|step_ms|resumed_from|per_second)$")
+TIMING_KEYS = re.compile(r"(seconds|seconds_mean|_ms|_ms_median|step_ms|resumed_from|per_second)$")
 
 _RAN = re.compile(r"Running stage '([^']+)'")
 _RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
@@ -186,7 +187,9 @@ def make_repo(dest: Path) -> Repo:
 def pipeline(tmp_path_factory):
     """First `dvc repro`, then a second one; committed so experiments have a baseline."""
     repo = make_repo(tmp_path_factory.mktemp("pipeline"))
-    first = repo.dvc("repro", check=False)
+    # as `make run` does: every stage a fork of one warm server (clip_qlora.warm); the stages run by hand
+    # below run cold and must write the same
+    first = repo.run(sys.executable, "-m", "clip_qlora.warm", "--", str(BIN / "dvc"), "repro", check=False)
     state = {"repo": repo, "first": first.stdout + first.stderr, "ok": first.returncode == 0}
     if not state["ok"]:  # the output checks still run on what was written; the rest fail on `good`
         return state
@@ -307,6 +310,12 @@ def full(request):
 def test_first_repro_runs_every_stage(pipeline):
     assert pipeline["ok"], "`dvc repro` failed:\n" + pipeline["first"][-4000:]
     assert stages_run(pipeline["first"]) == ALL_STAGES, pipeline["first"][-4000:]
+
+
+def test_first_repro_ran_every_stage_warm(pipeline):
+    out = pipeline["first"]
+    assert f"warm: {len(ALL_STAGES)} stage processes served from the warm server" in out, out[-4000:]
+    assert "not served" not in out and "running here" not in out, out[-4000:]
 
 
 def test_split(pipeline):
@@ -607,3 +616,14 @@ def test_stage_by_hand_matches_dvc(good, blocksize):
     assert without_timing(by_hand) == without_timing(by_dvc)
     status = json.loads(repo.dvc("status", "--json").stdout or "{}")
     assert f"evaluate@lora-{DATASET}" not in status, status  # DVC sees the same outputs it recorded
+
+
+def test_training_by_hand_cold_matches_dvc_warm(good, blocksize):
+    """The same training run cold (by hand) writes the adapters and metrics DVC's warm run wrote."""
+    repo = good["repo"]
+    adapters = repo.root / "adapters" / "lora" / DATASET / f"seed{SEED}" / "adapter_model.safetensors"
+    rel = f"metrics/train/lora/{DATASET}.json"
+    by_dvc, weights = read(repo.root, rel), adapters.read_bytes()
+    repo.run(sys.executable, "-m", "stages", "train", "--method", "lora", "--dataset", DATASET)
+    assert adapters.read_bytes() == weights
+    assert without_timing(read(repo.root, rel)) == without_timing(by_dvc)

@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     project = Path(argv[0]) if argv else Path.cwd()
     dest = Path(argv[1]) if len(argv) > 1 else project / "runs" / "demo"
     prepare_dir(project, dest, project / "configs" / "demo.yaml")
-    rc = subprocess.run(["dvc", "repro"], cwd=dest, env=env_for(dest)).returncode
+    # stages forked from one process that has the libraries loaded (clip_qlora.warm), as `make run` does
+    rc = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "dvc", "repro"], cwd=dest,
+                        env=env_for(dest)).returncode
     if rc == 0:
         print(f"\nDemo done (random weights: accuracy is not a result). Report: {dest / 'reports' / 'results.md'}")
     return rc
