@@ -52,17 +52,18 @@ def tokens_of(prompts: list[str], arch: str, device: str) -> torch.Tensor:
 
 def predict(batches, score, device: str, label: str):
     """One pass over the test batches, each decoded once: `score(images)` -> {key: logits}. Returns the
-    predictions per key, the gold labels and the seconds the pass took (the host holds every prediction)."""
+    predictions per key, the gold labels and the seconds the pass took (predictions reach the host once, at the end)."""
     preds: dict = {}
     gold = []
     t0 = time.perf_counter()
     for images, labels in Bar(len(batches), label)(batches):
         for key, out in score(images.to(device, non_blocking=True)).items():
-            preds.setdefault(key, []).append(out.argmax(-1).cpu())
+            preds.setdefault(key, []).append(out.argmax(-1))  # kept on the device: no wait per batch
         gold.append(labels.cpu())
     gold = torch.cat(gold)
+    preds = {key: torch.cat(v).cpu() for key, v in preds.items()}
     seconds = time.perf_counter() - t0
-    return {key: torch.cat(v) for key, v in preds.items()}, gold, seconds
+    return preds, gold, seconds
 
 
 def zero_shot(model, meta: dict, prompt_sets: dict[str, list[str]], make_batches, device: str) -> dict:

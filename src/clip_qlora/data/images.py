@@ -17,6 +17,7 @@ train_images_bytes beside the training peaks.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -209,17 +210,26 @@ def tensor_batches(split: dict, root: Path, size: int, mean: Sequence[float], st
     def read(chunk):
         return [read_file(str(path)) for path, _ in chunk]
 
+    # On CUDA the decoding runs on a stream of its own: while the caller's forward of one batch runs on the
+    # GPU, the host is already decoding the next (nvJPEG waits for its own stream only).
+    side = torch.cuda.Stream(device=device) if str(device).startswith("cuda") else None
     with ThreadPoolExecutor(max_workers=readers) as pool:
         ahead = pool.submit(read, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
             datas = ahead.result()
             if i + 1 < len(chunks):
                 ahead = pool.submit(read, chunks[i + 1])
-            images = _decode_many(datas, [path for path, _ in chunk], device)
-            x = torch.stack([TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC,
-                                                      antialias=True), [size, size]) for img in images])
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                images = _decode_many(datas, [path for path, _ in chunk], device)
+                x = torch.stack([TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC,
+                                                          antialias=True), [size, size]) for img in images])
+                x = (x.float() / 255 - mean_t) / std_t
+            if side is not None:
+                main = torch.cuda.current_stream(device)
+                main.wait_stream(side)
+                x.record_stream(main)  # made on the side stream, used on main: not reused before main is done
             labels = torch.tensor([label for _, label in chunk], dtype=torch.int64)
-            yield (x.float() / 255 - mean_t) / std_t, labels
+            yield x, labels
 
 
 def eval_batches(split: dict, root: Path, size: int, mean, std, batch_size: int, workers: int, device: str):
