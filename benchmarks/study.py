@@ -90,13 +90,18 @@ def project_dir(dest: Path, dataset: str, seeds: list[int], methods: list[str], 
     prepare_dir(REPO, dest, over_path)
 
 
-def timed_repro(dest: Path, targets: list[str], log, partial=lambda walls: None) -> dict[str, float]:
+def timed_repro(dest: Path, targets: list[str], log, partial=lambda walls: None, warm: bool = True) -> dict[str, float]:
     """Run `dvc repro targets`, timestamping each 'Running stage' line: {stage: wall seconds}.
 
+    warm: under `python -m clip_qlora.warm` as `make run` runs it (each stage a fork of one process that has
+    the libraries imported); else plain `dvc repro`, every stage a fresh process.
     `partial(walls)` is called as each stage ends, so a run cut off by its time limit keeps what it measured."""
     env = {**os.environ, "PYTHONPATH": f"{dest / 'src'}{os.pathsep}{dest}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(["dvc", "repro", *targets], cwd=dest, env=env, stdout=subprocess.PIPE,
+    cmd = ["dvc", "repro", *targets]
+    if warm:
+        cmd = [sys.executable, "-m", "clip_qlora.warm", "--", *cmd]
+    proc = subprocess.Popen(cmd, cwd=dest, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     walls, current, started = {}, None, time.perf_counter()
     for line in proc.stdout:
@@ -203,6 +208,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--methods", nargs="+", default=["lora", "lora_gc", "qlora", "qlora_gc"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/study-bench"))
+    ap.add_argument("--cold", action="store_true", help="plain `dvc repro` (default: warm, as `make run`)")
     # smoke-test knobs only (a CPU try of the script); the benchmark is the defaults
     ap.add_argument("--arch", default="ViT-B-16")
     ap.add_argument("--device", default="cuda")
@@ -214,7 +220,7 @@ def main() -> None:
     project_dir(dest, a.dataset, a.seeds, a.methods, a.arch, a.device, a.iterations_per_shot)
     t0 = time.perf_counter()
     make_dataset(dest / "data/raw", a.dataset)
-    result = {"dataset": a.dataset, "seeds": a.seeds, "methods": a.methods, "real_size": REAL[a.dataset],
+    result = {"dataset": a.dataset, "warm": not a.cold, "seeds": a.seeds, "methods": a.methods, "real_size": REAL[a.dataset],
               "make_dataset_seconds": time.perf_counter() - t0, "startup": startup_probe(dest)}
     (a.out / "study.json").write_text(json.dumps(result, indent=2))
     from clip_qlora.backends import METHODS
@@ -227,7 +233,7 @@ def main() -> None:
             collect(result, dest, a.out / "study-repro.log")
             (a.out / "study.json").write_text(json.dumps(result, indent=2))
 
-        result["stage_wall_seconds"] = timed_repro(dest, targets, log, partial)
+        result["stage_wall_seconds"] = timed_repro(dest, targets, log, partial, warm=not a.cold)
         (a.out / "study.json").write_text(json.dumps(result, indent=2))
     collect(result, dest, a.out / "study-repro.log")
     result["projection"] = project(result)
