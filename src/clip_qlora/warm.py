@@ -25,7 +25,6 @@ This module imports only the standard library: the caller side runs before anyth
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import selectors
@@ -159,6 +158,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
     """In the fork: become the caller's stage process and run it; never returns."""
     code = 1
     try:
+        _CAPABILITY.restore()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -208,36 +208,45 @@ def _run_child(request: dict, fds: list[int]) -> None:
 
 # ---- the server -------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _capability_from_nvml():
+class _NvmlCapability:
     """While preloading: torch.cuda.get_device_capability answered by NVML, without a CUDA context.
 
     bitsandbytes (imported by PEFT too) reads every GPU's compute capability at import, to pick its kernels,
     through torch.cuda.get_device_capability, which creates the CUDA context; after that the server could not
     fork usable stages. NVML gives the same numbers without one. Only when every GPU has the same capability
     (then which GPU is asked does not matter, whatever CUDA_VISIBLE_DEVICES maps); otherwise nothing is
-    patched, the import creates the context and the server declines every stage.
+    patched, the import creates the context and the server declines every stage from then on. A stage forked
+    before preloading is done restores torch's own function first thing.
     """
-    torch = __import__("torch")
-    original = torch.cuda.get_device_capability
-    try:
-        import pynvml
 
-        pynvml.nvmlInit()
+    def __init__(self):
+        self.original = None
+
+    def patch(self) -> None:
+        torch = __import__("torch")
         try:
-            caps = {pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i))
-                    for i in range(pynvml.nvmlDeviceGetCount())}
-        finally:
-            pynvml.nvmlShutdown()  # the forked stages open NVML afresh (memory.DriverMemory)
-    except Exception:  # no NVML (a CPU machine, or nvidia-ml-py missing): nothing to patch
-        caps = set()
-    if len(caps) == 1:
-        (cap,) = caps
-        torch.cuda.get_device_capability = lambda device=None: tuple(cap)
-    try:
-        yield
-    finally:
-        torch.cuda.get_device_capability = original
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                caps = {pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i))
+                        for i in range(pynvml.nvmlDeviceGetCount())}
+            finally:
+                pynvml.nvmlShutdown()  # the forked stages open NVML afresh (memory.DriverMemory)
+        except Exception:  # no NVML (a CPU machine, or nvidia-ml-py missing): nothing to patch
+            caps = set()
+        if len(caps) == 1:
+            (cap,) = caps
+            self.original = torch.cuda.get_device_capability
+            torch.cuda.get_device_capability = lambda device=None: tuple(cap)
+
+    def restore(self) -> None:
+        if self.original is not None:
+            sys.modules["torch"].cuda.get_device_capability = self.original
+            self.original = None
+
+
+_CAPABILITY = _NvmlCapability()
 
 
 def serve(path: str) -> None:
@@ -247,21 +256,8 @@ def serve(path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal: the stages
     #                                               and the wrapper handle it, the server lives on until told
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)  # bound before preloading: early callers wait in the backlog instead of running cold
+    listener.bind(path)  # bound before preloading: early callers are served while it goes on
     listener.listen(64)
-    t0 = time.perf_counter()
-    refuse = None
-    with _capability_from_nvml():
-        for name in PRELOAD:
-            try:
-                __import__(name)
-            except Exception as e:  # a stage needing it reports the error itself, in its own process
-                print(f"warm: could not preload {name} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-            torch = sys.modules.get("torch")
-            if refuse is None and torch is not None and torch.cuda.is_initialized():
-                refuse = f"importing {name} initialised CUDA in the server; a forked child could not use it"
-                print(f"warm: {refuse}: every stage runs cold", file=sys.stderr, flush=True)
-    print(f"warm: libraries loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     # Python 3.12 warns at every fork when the process has more than one OS thread. The extra threads here
     # are idle native helpers that torch and PEFT's imports start (one each on a CPU machine); this process
     # runs no Python thread and no torch work, and torch re-creates its own thread pools in a forked child,
@@ -269,6 +265,13 @@ def serve(path: str) -> None:
     # 13-stage `dvc repro` on an H200 ran every stage forked.
     warnings.filterwarnings("ignore", message=r"This process \(pid=\d+\) is multi-threaded, use of fork\(\)",
                             category=DeprecationWarning)
+    # Libraries are imported one per turn of the loop below, between requests: a stage that comes early is
+    # forked with what is loaded so far and imports the rest itself (prepare needs none of it), instead of
+    # waiting for all of it.
+    pending = list(PRELOAD)
+    t0 = time.perf_counter()
+    refuse = None
+    _CAPABILITY.patch()
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     sel = selectors.DefaultSelector()
@@ -276,7 +279,20 @@ def serve(path: str) -> None:
     children: dict[int, socket.socket] = {}
     served = 0
     while not stop:
-        for key, _ in sel.select(timeout=0.2):
+        if pending:
+            name = pending.pop(0)
+            try:
+                __import__(name)
+            except Exception as e:  # a stage needing it reports the error itself, in its own process
+                print(f"warm: could not preload {name} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            torch = sys.modules.get("torch")
+            if refuse is None and torch is not None and torch.cuda.is_initialized():
+                refuse = f"importing {name} initialised CUDA in the server; a forked child could not use it"
+                print(f"warm: {refuse}: stages from now on run cold", file=sys.stderr, flush=True)
+            if not pending:
+                _CAPABILITY.restore()
+                print(f"warm: libraries loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        for key, _ in sel.select(timeout=0 if pending else 0.2):
             if key.data is None:  # a new caller
                 try:
                     conn, _ = listener.accept()
