@@ -40,7 +40,7 @@ sweep: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.sweep . runs/sweep --jobs $(SWEEP_JOBS) $(SWEEP_GRID)
 
 # Test files run on TEST_WORKERS processes, each file whole in one of them (its module fixtures built once):
-# the end-to-end pipeline file is the longest (about 4 of the suite's 10 CPU minutes, its first repro warm).
+# the end-to-end pipeline file is the longest (about 4 minutes on its own, its first repro warm).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

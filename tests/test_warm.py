@@ -118,6 +118,14 @@ def test_stopping_the_caller_stops_the_stage(server, tmp_path):
         time.sleep(0.1)
 
 
+def test_a_stage_killed_outright_ends_its_caller_the_same_way(server, tmp_path):
+    record = tmp_path / "rec.json"
+    p = client(server, record, seconds=120)
+    os.kill(wait_for(record)["pid"], signal.SIGKILL)
+    p.wait(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+
+
 def test_a_killed_caller_takes_its_stage_with_it(server, tmp_path):
     record = tmp_path / "rec.json"
     p = client(server, record, seconds=120)

@@ -147,9 +147,12 @@ def forward(module: str = "stages") -> int | None:
 def exit_with(rc: int) -> None:
     """Exit as the stage did: with its code, or killed by the signal that killed it (rc < 0)."""
     if rc < 0:
-        signal.signal(-rc, signal.SIG_DFL)
+        try:
+            signal.signal(-rc, signal.SIG_DFL)  # SIGKILL and SIGSTOP have no handler to reset
+        except (OSError, ValueError):
+            pass
         os.kill(os.getpid(), -rc)
-    sys.exit(rc)
+    sys.exit(rc if rc >= 0 else 128 - rc)  # a signal that did not end this process: the shell's convention
 
 
 # ---- the forked child -------------------------------------------------------------------------------------
