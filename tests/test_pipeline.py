@@ -73,11 +73,12 @@ BLOCKSIZE_RERUN = {"quantize@nf4", "zeroshot@nf4", "aggregate", *(f"train@{m}-{D
 # what a change of lora.* must rerun: every method's train, evaluate, profile, aggregate, and the scale study;
 # not the bases' zero-shot (no adapters)
 LORA_RERUN = ALL_STAGES - {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4", *ZEROSHOT}
-# result-neutral knobs, each changed: the profile and the scale study measure the first three; no stage lists
+# result-neutral knobs, each changed: the profile and the scale study measure the first four; no stage lists
 # the last two
 RUNTIME = {"runtime.cuda_graph": False, "runtime.cublas_workspace_kib": 0, "runtime.overlap_text": False,
-           "runtime.checkpoint_every": 7, "runtime.eval_workers": 1}
-PROFILED = {"runtime.cuda_graph", "runtime.cublas_workspace_kib", "runtime.overlap_text"}
+           "runtime.layernorm_in_compute_dtype": False, "runtime.checkpoint_every": 7, "runtime.eval_workers": 1}
+PROFILED = {"runtime.cuda_graph", "runtime.cublas_workspace_kib", "runtime.overlap_text",
+            "runtime.layernorm_in_compute_dtype"}
 
 STAGE_OPTIONS = {
     "prepare": ["--dataset", "--out"],

@@ -128,11 +128,13 @@ def test_short_batches_under_accumulation_equal_the_unsplit_batch(saved_bases, t
 
 def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_params):
     """Under bf16 autocast every adapter's dropout sees bf16 activations, in the bf16 and the 4-bit arm alike
-    (PEFT's defaults would hand the bf16 arm fp32 copies and the 4-bit arm bf16)."""
+    (PEFT's defaults would hand the bf16 arm fp32 copies and the 4-bit arm bf16). PEFT's modules run where
+    train.fused_qkv is off (tests/test_qkv.py checks the fused path's dtypes)."""
     from conftest import NF4
 
     from clip_qlora.base import make_base, save_base
 
+    tiny_params.train.fused_qkv = False
     seen = {}
     for base, settings in (("bf16", None), ("nf4", NF4)):
         model, meta = make_base("clip-tiny", "none", base, settings, torch.bfloat16, "cpu")
@@ -256,11 +258,12 @@ def test_resume_fingerprint_ignores_runtime_knobs_only(tiny_params):
 
     reference = fingerprint(tiny_params)
     for key, value in (("cuda_graph", False), ("cublas_workspace_kib", 0), ("overlap_text", False),
-                       ("checkpoint_every", 7), ("eval_workers", 3)):
+                       ("layernorm_in_compute_dtype", False), ("checkpoint_every", 7), ("eval_workers", 3)):
         p = copy.deepcopy(tiny_params)
         setattr(p.runtime, key, value)
         assert fingerprint(p) == reference, key
-    p = copy.deepcopy(tiny_params)
-    p.train.lr *= 2
-    assert fingerprint(p) != reference
+    for key, value in (("lr", tiny_params.train.lr * 2), ("fused_qkv", not tiny_params.train.fused_qkv)):
+        p = copy.deepcopy(tiny_params)
+        setattr(p.train, key, value)  # a recipe change: fused_qkv moves the adapters by float rounding
+        assert fingerprint(p) != reference, key
     assert fingerprint(tiny_params, {**meta, "settings": {"expand_absmax": False}}) != reference

@@ -86,6 +86,7 @@ class Train:
     schedule: str
     min_lr: float
     logit_scale: float
+    fused_qkv: bool
 
     @property
     def micro_batch(self) -> int:
@@ -103,6 +104,7 @@ class Runtime:
     cuda_graph: bool
     cublas_workspace_kib: int
     overlap_text: bool
+    layernorm_in_compute_dtype: bool
     checkpoint_every: int
     eval_workers: int
 
@@ -277,11 +279,13 @@ def validate(p: Params) -> Params:
     if t.min_lr > t.lr:
         raise _bad("train.min_lr", t.min_lr, f"at most train.lr ({t.lr})")
     t.logit_scale = _num("train.logit_scale", t.logit_scale)
+    _bool("train.fused_qkv", t.fused_qkv)
     _int("eval.batch_size", p.eval.batch_size)
     r = p.runtime
     _bool("runtime.cuda_graph", r.cuda_graph)
     _int("runtime.cublas_workspace_kib", r.cublas_workspace_kib, lo=0)
     _bool("runtime.overlap_text", r.overlap_text)
+    _bool("runtime.layernorm_in_compute_dtype", r.layernorm_in_compute_dtype)
     _int("runtime.checkpoint_every", r.checkpoint_every)
     _int("runtime.eval_workers", r.eval_workers, lo=0)
     pr = p.profile

@@ -6,6 +6,7 @@ how the frozen block Linears are stored afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -66,7 +67,11 @@ class SplitAttention(nn.Module):
         def heads(t):
             return t.view(b, -1, h, d // h).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(q_x)), heads(self.k_proj(k_x)), heads(self.v_proj(v_x))
+        fused = getattr(self, "fused_qkv", None)  # clip_qlora.qkv, set for training by train.fused_qkv
+        if fused is not None and self.training and k_x is q_x and v_x is q_x:
+            q, k, v = (t.transpose(1, 2) for t in fused(q_x).view(b, n, 3, h, d // h).unbind(2))
+        else:
+            q, k, v = heads(self.q_proj(q_x)), heads(self.k_proj(k_x)), heads(self.v_proj(v_x))
         if self.causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -207,6 +212,37 @@ def prepare_precision(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
         if isinstance(m, nn.LayerNorm):
             m.float()
     return model
+
+
+def _layernorm_in(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
+    if x.dtype != weight.dtype:
+        return type(ln).forward(ln, x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
+
+
+def layernorms_in_compute_dtype(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Let LayerNorms take compute-dtype input as it is, instead of autocast's fp32 round trip (training).
+
+    The precision policy keeps LayerNorm weights in fp32, so autocast runs every LayerNorm in fp32: a copy of
+    the bf16 input up to fp32, the kernel, a copy back down, and the same casts again in backward. torch's
+    LayerNorm kernel on bf16 input already computes in fp32 and rounds once at the end; with the weights held
+    in bf16 (exact: they were bf16 values before the policy widened them) its output and input gradient were
+    bitwise those of the round trip on the H200, at the study's shapes (runtime.layernorm_in_compute_dtype;
+    benchmarks/results/2026-12-04-nvidia-h200-step.md). A LayerNorm whose weights do not survive the cast
+    unchanged keeps the round trip. Returns how many were switched.
+    """
+    n = 0
+    for ln in model.modules():
+        if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
+            continue
+        w = ln.weight.detach().to(compute_dtype)
+        b = None if ln.bias is None else ln.bias.detach().to(compute_dtype)
+        if torch.equal(w.float(), ln.weight.float()) and (b is None or torch.equal(b.float(), ln.bias.float())):
+            # an instance attribute shadows the class's forward for this module only (as blocks.py does)
+            ln.forward = functools.partial(_layernorm_in, ln, w, b)
+            n += 1
+    return n
 
 
 def build_base(arch: str, pretrained: str, compute_dtype: torch.dtype, quick_gelu="auto",

@@ -20,12 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import adapters as ad
-from . import backends
+from . import backends, qkv
 from .base import load_base
 from .blocks import BlockDropout
 from .io import UserError, atomic_dir, atomic_path
 from .memory import CudaPeak, SavedActivations
-from .model import TextTokens, cosine_logits, embed_prompts, encode_image, encode_text, preprocess_stats, unit
+from .model import (TextTokens, cosine_logits, embed_prompts, encode_image, encode_text, layernorms_in_compute_dtype,
+                    preprocess_stats, unit)
 from .progress import Bar
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,11 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
                   else ad.add_adapters(model, params.lora))
     ad.let_autocast_cast_inputs(peft_model)  # loss_on always runs under autocast (or in fp32)
     clip = ad.inner(peft_model)
+    compute_dtype = getattr(torch, meta["compute_dtype"])
+    if params.runtime.layernorm_in_compute_dtype and compute_dtype != torch.float32:
+        layernorms_in_compute_dtype(clip, compute_dtype)
+    if params.train.fused_qkv:
+        qkv.fuse(clip)
     blocks = BlockDropout(clip, gc, device)
     peft_model.train()
     t = params.train
@@ -138,7 +144,7 @@ def run_on_model(model: nn.Module, meta: dict, params, method: str, prompts: lis
     # itself (49408 x 512 in bf16, 48 MiB on ViT-B/16, half the NF4 base) waits on the host.
     clip.token_embedding.to("cpu")
     return Run(peft_model, clip, tokens, text_input, ad.text_has_adapters(params.lora), optimizer, lr_at,
-               getattr(torch, meta["compute_dtype"]), device, t.logit_scale, size, mean, std, meta, blocks,
+               compute_dtype, device, t.logit_scale, size, mean, std, meta, blocks,
                text_stream=torch.cuda.Stream(device=device) if cuda and params.runtime.overlap_text else None)
 
 
