@@ -112,3 +112,20 @@ def test_targets_from_numbers():
         "ours qlora peak <= ours lora peak at every batch": "MISSED",  # 1.0 > 0.9 at batch 32
         "ours qlora static <= 0.110 GiB": "met",
     }
+
+
+def test_step_check_tells_equal_steps_from_different_ones(tmp_path):
+    """benchmarks/step_check.py on CPU: identical params train bitwise-equal adapters; the fused q/k/v step
+    trains the PEFT step's adapters within fp32 rounding; a changed recipe (lr) shows up."""
+    check = load_benchmark("step_check")
+    common = ["--arch", "clip-tiny", "--device", "cpu", "--methods", "lora", "qlora_gc", "--steps", "3",
+              "--batch", "2", "--n-classes", "4", "--out", str(tmp_path)]
+    same = check.main(["--reference", "train.fused_qkv=false", "--candidate", "train.fused_qkv=false", *common])
+    fused = check.main(["--reference", "train.fused_qkv=false", "--candidate", "train.fused_qkv=true", *common])
+    lr = check.main(["--reference", "train.lr=2e-4", "--candidate", "train.lr=4e-4", *common])
+    for m in ("lora", "qlora_gc"):
+        assert same["methods"][m]["bitwise_equal"] and same["methods"][m]["adapter_max_rel_frobenius"] == 0
+        f = fused["methods"][m]
+        assert f["adapter_max_rel_frobenius"] < 1e-4 and f["within_1e-3"]
+        assert lr["methods"][m]["adapter_max_rel_frobenius"] > 1e-2 and not lr["methods"][m]["within_1e-3"]
+    assert json.loads((tmp_path / "step_check.json").read_text())["candidate"] == ["train.lr=4e-4"]
