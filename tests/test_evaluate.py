@@ -237,5 +237,14 @@ def test_the_fast_path_is_a_listed_deviation_and_the_default_is_not():
     assert P.FAST_DECODE in P.deviations(fast)
     assert P.FAST_DECODE not in P.deviations(P.with_evaluation(record, {"eval_decode": "reference"}))
     assert P.with_evaluation(record, None) == record  # metrics from before the key: nothing claimed
+
+    # the report's section takes it from each evaluate stage's metrics (the train stage does not read eval.*)
+    from clip_qlora.report_inputs import Inputs
+    from clip_qlora.report_md import protocol_section
+
+    inp = Inputs(["lora", "qlora"], ["dtd"], train={(m, "dtd"): {"protocol": record} for m in ("lora", "qlora")},
+                 eval={("lora", "dtd"): {"eval_decode": "reference"}, ("qlora", "dtd"): {"eval_decode": "fast"}})
+    text = "\n".join(protocol_section(inp, {}, {}))
+    assert text.count(P.FAST_DECODE) == 1 and "Runs qlora/dtd:" in text
     with pytest.raises(UserError, match=r"eval\.decode.*reference, fast"):
         config.load_with({"eval.decode": "nvjpeg"})

@@ -41,7 +41,7 @@ ALWAYS = [
 # eval.decode fast (measured on an H200 against PIL; data/images.py tensor_batches)
 FAST_DECODE = ("Evaluation inputs: decoded and resized by torchvision on the evaluation device (eval.decode fast: "
                "nvJPEG and CUDA bicubic on a GPU), not by PIL as CLIP-LoRA's: about 0.2 grey levels (mean) from "
-               "the reference's pixels on a GPU.")
+               "the reference's pixels on an H200.")
 
 
 def with_evaluation(record: dict, eval_metrics: dict | None) -> dict:

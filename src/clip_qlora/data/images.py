@@ -209,7 +209,7 @@ def tensor_batches(split: dict, root: Path, size: int, mean: Sequence[float], st
     Files are read by a few threads one batch ahead; decoding (nvJPEG on a GPU), resizing (shorter side to
     `size`, bicubic, antialiased) and the centre crop then run on `device`, so a GPU is not fed by CPU decoders.
     Not the reference's pixels: on the H200, nvJPEG's decode and the CUDA bicubic resize put the inputs about
-    0.2 grey levels (mean; up to 17) from PIL's; on a CPU, libjpeg and the uint8 resize about 0.003.
+    0.2 grey levels (mean; up to 17) from PIL's; on a CPU, libjpeg and the uint8 resize a few thousandths.
     """
     from torchvision.io import decode_jpeg, read_file
 
