@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Test images per second of one evaluation pass on the GPU: the zeroshot stage's code on Food101-sized data.
 
-    python benchmarks/eval_rate.py --out $OUT [--n 30300] [--passes 2]
+    python benchmarks/eval_rate.py --out $OUT [--n 30300] [--passes 2] [--decode reference|fast]
 
 30,300 test JPEGs of 512x384 (Food101's test split; 256 distinct files hard-linked, decoding cost is what
-matters), a random ViT-B-16 bf16 base, `scoring.zero_shot` over `data.images.eval_batches` (read ahead by
-threads, nvJPEG decoding and resizing on the GPU, one image forward for both prompt sets), exactly as the
-zeroshot stage runs it. Each pass is timed by `scoring.predict`; the first includes nvJPEG's and cuDNN's
+matters), a random ViT-B-16 bf16 base, `scoring.zero_shot` over `data.images.eval_batches` (eval.decode reference:
+PIL in `runtime.eval_workers` DataLoader processes; fast: read ahead by threads, nvJPEG decoding and resizing on
+the GPU), one image forward for both prompt sets, exactly as the zeroshot stage runs it. Each pass is timed by `scoring.predict`; the first includes nvJPEG's and cuDNN's
 start-up. Writes <out>/eval_rate.json after every pass.
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script only")
     ap.add_argument("--batch-size", type=int, default=None, help="default: params.yaml eval.batch_size")
+    ap.add_argument("--decode", choices=("reference", "fast"), default=None, help="default: params.yaml eval.decode")
+    ap.add_argument("--workers", type=int, default=None, help="default: params.yaml runtime.eval_workers")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     import numpy as np
@@ -60,11 +62,15 @@ def main() -> None:
     prompts = {"clip": [f"a photo of a class {c}." for c in range(a.classes)],
                "coop": [f"a photo of class {c}, a type of food." for c in range(a.classes)]}
     batch = a.batch_size or p.eval.batch_size
-    result = {"n_test": a.n, "batch_size": batch, "gpu": torch.cuda.get_device_name() if a.device != "cpu" else "cpu",
+    decode = a.decode or p.eval.decode
+    workers = p.runtime.eval_workers if a.workers is None else a.workers
+    result = {"n_test": a.n, "batch_size": batch, "decode": decode, "workers": workers,
+              "gpu": torch.cuda.get_device_name() if a.device != "cpu" else "cpu",
               "versions": {"torch": torch.__version__}, "passes": []}
     for _ in range(a.passes):
         r = zero_shot(model, meta, prompts,
-                      lambda size, mean, std: eval_batches(split, root, size, mean, std, batch, 0, a.device), a.device)
+                      lambda size, mean, std: eval_batches(split, root, size, mean, std, batch, workers, a.device,
+                                                           decode), a.device)
         result["passes"].append({"seconds": r["eval_seconds"], "test_images_per_second": a.n / r["eval_seconds"]})
         print(f"pass: {r['eval_seconds']:.2f} s, {a.n / r['eval_seconds']:.0f} test images/s", flush=True)
         (a.out / "eval_rate.json").write_text(json.dumps(result, indent=2))

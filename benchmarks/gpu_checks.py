@@ -7,6 +7,15 @@
    dropout on, since every block draws its masks from its own seeded generators (clip_qlora/blocks.py).
 3. Wall time of the whole 4-shot protocol for one 100-class dataset (2000 steps of 32) through the real
    training loop (`train_seed`: sampling, device augmentation, graph replay, logging windows).
+4. eval_input: the evaluation inputs of both eval.decode paths against the reference's pixels (PIL decode,
+   PIL bicubic resize of the shorter side, centre crop), in grey levels: (a) photo-like 4:2:0 JPEGs of several
+   sizes (scikit-image's sample photos when it imports, else synthetic scenes); (b) PNG (RGB, RGBA, palette,
+   grey, 16-bit) and WebP files in batches without a JPEG, through the device decode of the fast path. The
+   reference path must be within 0.01 mean (it is PIL's own pipeline: 0 expected); the fast path's numbers
+   are what the report's deviation says. Needs only torch, torchvision, PIL and numpy; --device cpu runs it
+   here (the tests do):
+
+       python benchmarks/gpu_checks.py --checks eval_input --out DIR [--device cpu]
 """
 from __future__ import annotations
 
@@ -21,19 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from clip_qlora.base import make_base, save_base  # noqa: E402
-from clip_qlora import backends, config  # noqa: E402
-from clip_qlora.io import versions  # noqa: E402
-from clip_qlora.profile import isolated, synthetic_prompts  # noqa: E402
-from clip_qlora.data.images import TrainImages  # noqa: E402
-from clip_qlora.train import build_run, make_step, optimizer_step, train_seed  # noqa: E402
+# The training checks' imports are made where they are used: the eval_input check needs none of them
+# (open_clip, PEFT, bitsandbytes).
 
+TRAINING_CHECKS = ("graph", "checkpoint", "protocol")
+TOLERANCE = 0.01  # grey levels, mean over pixels: the reference path's bound (issue 23)
 
 
 def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, short=0):
     """`steps` steps of micro x accum images; with `short`, every other batch has `short` images (an epoch's
     short last batch, as train.batching: epochs makes them), which the graph path captures separately.
     straight: one stream, and (the base's settings) absmax dequantised at every use; see main()."""
+    from clip_qlora import config
+    from clip_qlora.profile import synthetic_prompts
+    from clip_qlora.train import build_run, make_step, optimizer_step
+
     p = config.load_with({"runtime.overlap_text": not straight})
     torch.manual_seed(0)
     run = build_run(base_dir, p, method, synthetic_prompts(100), "cuda", steps)
@@ -76,6 +87,11 @@ def checkpoint_equivalence(base_dir, method, micro, accum, steps=4):
 
 
 def protocol_time(base_dir, method, n_classes=100, shots=4):
+    from clip_qlora import config
+    from clip_qlora.data.images import TrainImages
+    from clip_qlora.profile import synthetic_prompts
+    from clip_qlora.train import train_seed
+
     p = config.load_with()
     g = torch.Generator().manual_seed(0)
     # 4:3 images at the stored resolution of a 500x375 photo (decode_short_side 2.0: kept whole)
@@ -89,51 +105,238 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
     return r
 
 
+# ---- 4. eval_input -------------------------------------------------------------------------------------------
+
+# Dataset-like sizes (width, height): Pets/Flowers ~500x375 both ways, FGVCAircraft ~1000x700, UCF101 mid-frames,
+# EuroSAT, Caltech101, Food101, and odd sizes whose centre crop falls between pixels.
+SIZES = [(500, 375), (375, 500), (1000, 700), (320, 240), (64, 64), (300, 200), (512, 384), (641, 427), (251, 333)]
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "camera", "coins", "moon", "page", "text", "grass", "gravel", "brick", "clock")
+
+
+def synthetic_scene(width: int, height: int, seed: int):
+    """A photo-like RGB image: smooth colour fields, sharp-edged shapes, and sensor-like noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (3 + seed % 4, 4 + seed % 3, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(10):
+        x0, x1 = sorted(rng.integers(0, width, 2).tolist())
+        y0, y1 = sorted(rng.integers(0, height, 2).tolist())
+        colour = tuple(rng.integers(0, 256, 3).tolist())
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def photo_like_images(max_photos: int = 24) -> tuple[str, list]:
+    """(source, [(name, RGB image)]): scikit-image's sample photos, each also brought to one of SIZES, when it
+    imports; else synthetic scenes at every size of SIZES."""
+    from PIL import Image
+
+    try:
+        from skimage import data as sk
+    except ImportError:
+        return "synthetic", [(f"scene{k}", synthetic_scene(w, h, k)) for k, (w, h) in enumerate(SIZES)]
+    photos = []
+    for name in SKIMAGE_PHOTOS:
+        try:
+            photos.append((name, Image.fromarray(getattr(sk, name)()).convert("RGB")))
+        except Exception:  # noqa: BLE001  (a photo this scikit-image does not ship: fetching needs a network)
+            continue
+    photos += [(f"{name}_{w}x{h}", image.resize((w, h), Image.LANCZOS))
+               for k, (name, image) in enumerate(list(photos)) for w, h in [SIZES[k % len(SIZES)]]]
+    return "scikit-image", photos[:max_photos]
+
+
+def other_format_images(root: Path) -> list[str]:
+    """Files of every non-JPEG kind a user's folder may hold; the names of those written."""
+    import numpy as np
+    from PIL import Image
+
+    scene = synthetic_scene(160, 120, 99)
+    grey = np.asarray(scene.convert("L"), dtype=np.uint16)
+    rgba = scene.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(scene.size))
+    files = {"rgb.png": scene, "rgba.png": rgba, "palette.png": scene.quantize(64), "grey.png": scene.convert("L"),
+             "grey16.png": Image.fromarray(grey * 257), "lossy.webp": scene, "lossless.webp": scene}
+    for name, image in files.items():
+        image.save(root / name, **({"lossless": True} if name == "lossless.webp" else {}))
+    return list(files)
+
+
+def reference_input(path: Path, size: int):
+    """uint8 (size, size, 3): what CLIP-LoRA's evaluation feeds, from PIL alone (protocol.md): decode, convert
+    to RGB, bicubic resize of the shorter side to `size` (the longer side truncated, as torchvision's Resize
+    computes it), centre crop (torchvision's rounding)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    w, h = image.size
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def _grey_level_diffs(batches, refs) -> list[dict]:
+    """Per image: mean and max |ours - reference| in grey levels (batches normalised with mean 0, std 1: both
+    paths' x are uint8 / 255, rounded back here)."""
+    import numpy as np
+
+    ours = np.concatenate([(x.float().cpu() * 255).round().permute(0, 2, 3, 1).numpy() for x, _ in batches])
+    assert len(ours) == len(refs), (len(ours), len(refs))
+    return [{"mean": float(np.abs(a - r).mean()), "max": float(np.abs(a - r).max())} for a, r in zip(ours, refs)]
+
+
+def _summary(diffs: list[dict], names: list[str]) -> dict:
+    import numpy as np
+
+    worst = int(np.argmax([d["mean"] for d in diffs]))
+    mean = float(np.mean([d["mean"] for d in diffs]))
+    return {"n": len(diffs), "mean": mean, "max": max(d["max"] for d in diffs), "worst_image": names[worst],
+            "worst_image_mean": diffs[worst]["mean"], "pass": mean < TOLERANCE}
+
+
+def eval_input(root: Path, device: str, size: int = 224, batch_size: int = 16, workers: int = 2,
+               max_photos: int = 24) -> dict:
+    """Check 4 (module docstring) in folder `root`; {"pass": ...} says whether the reference path and the
+    decoding of JPEG-free batches hold."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    from torchvision.io import decode_jpeg, read_file
+
+    from clip_qlora.data.images import _decode_many, eval_batches
+
+    root = Path(root)
+    source, photos = photo_like_images(max_photos)
+    jpegs = []
+    for name, image in photos:
+        image.save(root / f"{name}.jpg", quality=90, subsampling=2)  # 4:2:0, as photo datasets are stored
+        jpegs.append(f"{name}.jpg")
+    others = other_format_images(root)
+    out = {"device": str(device), "jpeg_source": source, "size": size, "tolerance_grey_levels": TOLERANCE,
+           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                        "pillow": Image.__version__}}
+
+    def run(key, names, decode, batch):
+        """One path over `names`, against the PIL reference; an exception is recorded, not raised."""
+        split = {"test": [[n, 0] for n in names]}
+        try:
+            diffs = _grey_level_diffs(eval_batches(split, root, size, (0, 0, 0), (1, 1, 1), batch, workers, device,
+                                                   decode), [reference_input(root / n, size) for n in names])
+            out[key] = _summary(diffs, names)
+        except Exception as e:  # noqa: BLE001
+            out[key] = {"pass": False, "error": f"{type(e).__name__}: {e}"}
+        r = out[key]
+        print(f"eval_input {key}: " + (r.get("error") or f"{r['n']} images, mean {r['mean']:.4f}, max {r['max']:.0f}"
+                                       f", worst image {r['worst_image']} {r['worst_image_mean']:.4f}")
+              + f" -> {'pass' if r['pass'] else 'FAIL'} (mean < {TOLERANCE})", flush=True)
+
+    # (a) photo-like JPEGs: both paths; the fast path's decode alone, at full resolution
+    for decode in ("reference", "fast"):
+        run(f"jpeg_{decode}", jpegs, decode, batch_size)
+    decoded = _decode_many([read_file(str(root / n)) for n in jpegs], [root / n for n in jpegs], device, decode_jpeg)
+    full = [float(np.abs(d.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+                         - np.asarray(Image.open(root / n).convert("RGB"), dtype=np.float32)).mean())
+            for d, n in zip(decoded, jpegs)]
+    out["jpeg_fast_decode_only"] = {"mean": float(np.mean(full)), "worst_image_mean": max(full)}
+    print(f"eval_input jpeg_fast_decode_only (full resolution): mean {np.mean(full):.4f}, worst image "
+          f"{max(full):.4f}", flush=True)
+    # (b) batches without a JPEG, one file per batch and all in one; then a JPEG among them
+    for decode in ("reference", "fast"):
+        for batch in (1, len(others)):
+            run(f"other_{decode}_batch{batch}", others, decode, batch)
+    run("mixed_fast", [jpegs[0], *others], "fast", len(others) + 1)
+    try:  # the device decode of a JPEG-free batch is PIL's: the very same pixels
+        decoded = _decode_many([read_file(str(root / n)) for n in others], [root / n for n in others], device,
+                               decode_jpeg)
+        exact = all(np.array_equal(d.permute(1, 2, 0).cpu().numpy(), np.asarray(Image.open(root / n).convert("RGB")))
+                    for d, n in zip(decoded, others))
+        out["other_decode_only"] = {"files": others, "equal_to_pil": exact, "pass": exact}
+    except Exception as e:  # noqa: BLE001
+        out["other_decode_only"] = {"files": others, "pass": False, "error": f"{type(e).__name__}: {e}"}
+    print(f"eval_input other_decode_only: {out['other_decode_only']}", flush=True)
+    # what must hold: the default (reference) path everywhere, and every JPEG-free batch decoded by the fast path
+    # (its resize is not the reference's: its numbers are the deviation the report lists)
+    reference = [k for k in out if "_reference" in k]
+    fast_other = [k for k in out if k.startswith("other_fast") or k == "mixed_fast"]
+    out["pass"] = (all(out[k]["pass"] for k in reference) and all("error" not in out[k] for k in fast_other)
+                   and out["other_decode_only"]["pass"])
+    print(f"eval_input: {'PASS' if out['pass'] else 'FAIL'} (device {device})", flush=True)
+    return out
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--methods", nargs="+", default=list(backends.METHODS))
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every method")
     ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"],
                     help="micro x accumulation for the graph check; '32x1+8': every other batch has 8 images")
-    ap.add_argument("--checks", nargs="+", default=["graph", "checkpoint", "protocol"],
-                    choices=("graph", "checkpoint", "protocol"))
+    ap.add_argument("--checks", nargs="+", default=list(TRAINING_CHECKS), choices=(*TRAINING_CHECKS, "eval_input"))
     ap.add_argument("--protocol-methods", nargs="+", default=["lora", "qlora", "qlora_gc"])
+    ap.add_argument("--device", default="cuda", help="eval_input only: cpu runs it without a GPU")
     args = ap.parse_args()
-    out = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "graph": {}, "checkpoint": {},
-           "protocol": {}}
+    cuda = str(args.device).startswith("cuda")
+    out = {"gpu": torch.cuda.get_device_name(args.device) if cuda else "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
-        study = config.load_with()
-        for base in backends.BACKENDS:
-            s = backends.get(base).settings(study)
-            m, meta = make_base("ViT-B-16", "none", base, s, torch.bfloat16, "cuda")
-            save_base(m, meta, Path(tmp) / base)
-            if s and s.get("expand_absmax"):  # the straightforward twin: the same tensors, absmax kept 8-bit
-                save_base(m, {**meta, "settings": {**s, "expand_absmax": False}}, Path(tmp) / f"{base}-straight")
-            del m
-
-        def base_of(method, straight=False):
-            base = backends.METHODS[method].base
-            return Path(tmp) / (f"{base}-straight" if straight and (Path(tmp) / f"{base}-straight").exists() else base)
-
-        if "graph" in args.checks:
-            for method in args.methods:
-                for spec in args.shapes:
-                    shape, _, short = spec.partition("+")
-                    micro, accum = (int(v) for v in shape.split("x"))
-                    key = f"{method}-{spec}"
-                    out["graph"][key] = isolated(graph_equivalence, base_of(method), base_of(method, True), method,
-                                                 micro, accum, 6, int(short or 0), device="cuda")
-                    print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
-        if "checkpoint" in args.checks:
-            for arm in (b.method for b in backends.BACKENDS.values()):
-                out["checkpoint"][arm] = isolated(checkpoint_equivalence, base_of(arm), arm, 32, 1, device="cuda")
-                print("checkpoint", arm, json.dumps(out["checkpoint"][arm])[:400], flush=True)
-        if "protocol" in args.checks:
-            for method in args.protocol_methods:
-                out["protocol"][method] = isolated(protocol_time, base_of(method), method, device="cuda")
-                print("protocol", method, json.dumps(out["protocol"][method]), flush=True)
+        if "eval_input" in args.checks:
+            (Path(tmp) / "eval_input").mkdir()
+            out["eval_input"] = eval_input(Path(tmp) / "eval_input", args.device)
+        if set(args.checks) & set(TRAINING_CHECKS):
+            out.update(training_checks(args, Path(tmp)))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_checks.json").write_text(json.dumps(out, indent=2))
+    name = "gpu_checks.json" if set(args.checks) & set(TRAINING_CHECKS) else "gpu_checks_eval_input.json"
+    (Path(args.out) / name).write_text(json.dumps(out, indent=2))
+    if "eval_input" in args.checks and not out["eval_input"]["pass"]:
+        sys.exit(1)
+
+
+def training_checks(args, tmp: Path) -> dict:
+    """Checks 1-3 on CUDA, on random ViT-B-16 bases of each backend made in `tmp`."""
+    from clip_qlora import backends, config
+    from clip_qlora.base import make_base, save_base
+    from clip_qlora.io import versions
+    from clip_qlora.profile import isolated
+
+    out = {"versions": versions(), "graph": {}, "checkpoint": {}, "protocol": {}}
+    study = config.load_with()
+    for base in backends.BACKENDS:
+        s = backends.get(base).settings(study)
+        m, meta = make_base("ViT-B-16", "none", base, s, torch.bfloat16, "cuda")
+        save_base(m, meta, tmp / base)
+        if s and s.get("expand_absmax"):  # the straightforward twin: the same tensors, absmax kept 8-bit
+            save_base(m, {**meta, "settings": {**s, "expand_absmax": False}}, tmp / f"{base}-straight")
+        del m
+
+    def base_of(method, straight=False):
+        base = backends.METHODS[method].base
+        return tmp / (f"{base}-straight" if straight and (tmp / f"{base}-straight").exists() else base)
+
+    if "graph" in args.checks:
+        for method in args.methods or list(backends.METHODS):
+            for spec in args.shapes:
+                shape, _, short = spec.partition("+")
+                micro, accum = (int(v) for v in shape.split("x"))
+                key = f"{method}-{spec}"
+                out["graph"][key] = isolated(graph_equivalence, base_of(method), base_of(method, True), method,
+                                             micro, accum, 6, int(short or 0), device="cuda")
+                print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
+    if "checkpoint" in args.checks:
+        for arm in (b.method for b in backends.BACKENDS.values()):
+            out["checkpoint"][arm] = isolated(checkpoint_equivalence, base_of(arm), arm, 32, 1, device="cuda")
+            print("checkpoint", arm, json.dumps(out["checkpoint"][arm])[:400], flush=True)
+    if "protocol" in args.checks:
+        for method in args.protocol_methods:
+            out["protocol"][method] = isolated(protocol_time, base_of(method), method, device="cuda")
+            print("protocol", method, json.dumps(out["protocol"][method]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
 BATCHINGS = ("epochs", "full")
 SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py DRAWS; repeated here so params load imports no data code
+DECODES = ("reference", "fast")  # data/images.py eval_batches
 
 
 # The schema: every key, its type, no values. params.yaml is the one home of every value: DVC hashes only what is
@@ -96,6 +97,7 @@ class Train:
 @dataclass
 class Eval:
     batch_size: int
+    decode: str
 
 
 @dataclass
@@ -281,6 +283,7 @@ def validate(p: Params) -> Params:
     t.logit_scale = _num("train.logit_scale", t.logit_scale)
     _bool("train.fused_qkv", t.fused_qkv)
     _int("eval.batch_size", p.eval.batch_size)
+    _choice("eval.decode", p.eval.decode, DECODES)
     r = p.runtime
     _bool("runtime.cuda_graph", r.cuda_graph)
     _int("runtime.cublas_workspace_kib", r.cublas_workspace_kib, lo=0)

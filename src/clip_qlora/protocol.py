@@ -38,6 +38,18 @@ ALWAYS = [
     "distributions as CLIP-LoRA's, not the same draws.",
 ]
 
+# eval.decode fast (measured on an H200 against PIL; data/images.py tensor_batches)
+FAST_DECODE = ("Evaluation inputs: decoded and resized by torchvision on the evaluation device (eval.decode fast: "
+               "nvJPEG and CUDA bicubic on a GPU), not by PIL as CLIP-LoRA's: about 0.2 grey levels (mean) from "
+               "the reference's pixels on an H200.")
+
+
+def with_evaluation(record: dict, eval_metrics: dict | None) -> dict:
+    """A training run's record with how the evaluate stage decoded its test images (eval.decode, from its
+    metrics: the train stage does not read the eval group)."""
+    decode = (eval_metrics or {}).get("eval_decode")
+    return {**record, "eval_decode": decode} if decode else record
+
 
 def record(params, split: dict, meta: dict) -> dict:
     """The protocol facts of one training run, for its metrics file."""
@@ -66,6 +78,8 @@ def deviations(protocol: dict) -> list[str]:
         out.append(f"Training images: decoded once with the shorter side at most {side:g}x the input size; on "
                    f"larger files, crops covering less than about {1 / side ** 2:.0%} of the image come from fewer "
                    f"source pixels than CLIP-LoRA's crops of the full-resolution file (data/images.py says why).")
+    if protocol.get("eval_decode") == "fast":
+        out.append(FAST_DECODE)
     dtype = protocol.get("compute_dtype", "bfloat16")
     autocast = "no autocast" if dtype == "float32" else f"{dtype} autocast (bf16 has fp32's exponent range)" \
         if dtype == "bfloat16" else f"{dtype} autocast"

@@ -295,7 +295,8 @@ def figures_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
 
 def protocol_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     """Which protocol ran and every deviation from CLIP-LoRA, from what each training run recorded."""
-    records = {f"{m}/{d}": inp.train[m, d]["protocol"] for m in inp.methods for d in inp.datasets
+    records = {f"{m}/{d}": protocol.with_evaluation(inp.train[m, d]["protocol"], inp.eval.get((m, d)))
+               for m in inp.methods for d in inp.datasets
                if isinstance(inp.train[m, d].get("protocol"), dict)}
     return protocol.markdown(records)
 

@@ -161,7 +161,10 @@ class _TestImages(Dataset):
 
 def eval_loader(split: dict, root: Path, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
                 workers: int) -> DataLoader:
-    """The whole test split in split order, decoded by PIL in CPU workers: (float32 (B, 3, size, size), int64 (B,))."""
+    """The whole test split in split order, decoded by PIL in CPU workers: (float32 (B, 3, size, size), int64 (B,)).
+
+    The reference's pixels: PIL decodes (`open_rgb`), PIL resizes the shorter side (bicubic) and crops the centre,
+    as CLIP-LoRA's torchvision transforms do on its PIL images; only then are they made float and normalised."""
     transform = v2.Compose([*_resize_crop(size), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(list(mean), list(std))])
     items = [(Path(root) / path, label) for path, label in split["test"]]
@@ -172,35 +175,43 @@ def eval_loader(split: dict, root: Path, size: int, mean: Sequence[float], std: 
 JPEG_MAGIC = b"\xff\xd8"
 
 
-def _decode_many(datas: list[torch.Tensor], paths: list[Path], device) -> list[torch.Tensor]:
-    """uint8 (3, h, w) images on `device`; JPEGs in one nvJPEG batch on CUDA (libjpeg on CPU), others by PIL."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+def _decode_many(datas: list[torch.Tensor], paths: list[Path], device, decode_jpeg) -> list[torch.Tensor]:
+    """uint8 (3, h, w) images on `device`; JPEGs in one `decode_jpeg` batch (torchvision's: nvJPEG on CUDA,
+    libjpeg on CPU), the others by PIL. `decode_jpeg` is a parameter so that tests can give the CPU a decoder
+    that behaves as the CUDA one does."""
+    from torchvision.io import ImageReadMode
 
     jpeg = [k for k, d in enumerate(datas) if bytes(d[:2].tolist()) == JPEG_MAGIC]
     out: list[torch.Tensor | None] = [None] * len(datas)
-    try:
-        for k, img in zip(jpeg, decode_jpeg([datas[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)):
-            out[k] = img
-    except RuntimeError:  # one undecodable (or exotic: CMYK, lossless) JPEG fails the batch: go one by one
-        for k in jpeg:
-            try:
-                out[k] = decode_jpeg(datas[k], mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:
-                pass
+    # A batch without a JPEG (all PNG or WebP) must not reach decode_jpeg: it raises ValueError on an empty list.
+    # Errors: nvJPEG raises RuntimeError on one undecodable or exotic (CMYK, lossless) JPEG and fails the whole
+    # batch, torchvision ValueError on inputs it refuses; either way try one by one, then PIL.
+    if jpeg:
+        try:
+            for k, img in zip(jpeg, decode_jpeg([datas[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)):
+                out[k] = img
+        except (RuntimeError, ValueError):
+            for k in jpeg:
+                try:
+                    out[k] = decode_jpeg(datas[k], mode=ImageReadMode.RGB, device=device)
+                except (RuntimeError, ValueError):
+                    pass
     for k, img in enumerate(out):
-        if img is None:  # PNG and whatever nvJPEG refused: the CPU path's own decoder (and its one-line error)
+        if img is None:  # PNG, WebP and whatever nvJPEG refused: the reference's decoder (and its one-line error)
             out[k] = v2.PILToTensor()(open_rgb(paths[k])).to(device)
     return out
 
 
 def tensor_batches(split: dict, root: Path, size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
                    device, readers: int = 8):
-    """The test split like `eval_loader`, decoded and resized where the model runs (nvJPEG on a GPU).
+    """The test split like `eval_loader`, decoded and resized where the model runs (eval.decode fast).
 
-    Files are read by a few threads one batch ahead; decoding, resizing (shorter side to `size`, bicubic,
-    antialiased, as the PIL path) and the centre crop then run on `device`, so a GPU is not fed by CPU decoders.
+    Files are read by a few threads one batch ahead; decoding (nvJPEG on a GPU), resizing (shorter side to
+    `size`, bicubic, antialiased) and the centre crop then run on `device`, so a GPU is not fed by CPU decoders.
+    Not the reference's pixels: on the H200, nvJPEG's decode and the CUDA bicubic resize put the inputs about
+    0.2 grey levels (mean; up to 17) from PIL's; on a CPU, libjpeg and the uint8 resize a few thousandths.
     """
-    from torchvision.io import read_file
+    from torchvision.io import decode_jpeg, read_file
 
     items = [(Path(root) / path, label) for path, label in split["test"]]
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -220,7 +231,7 @@ def tensor_batches(split: dict, root: Path, size: int, mean: Sequence[float], st
             if i + 1 < len(chunks):
                 ahead = pool.submit(read, chunks[i + 1])
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                images = _decode_many(datas, [path for path, _ in chunk], device)
+                images = _decode_many(datas, [path for path, _ in chunk], device, decode_jpeg)
                 x = torch.stack([TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.BICUBIC,
                                                           antialias=True), [size, size]) for img in images])
                 x = (x.float() / 255 - mean_t) / std_t
@@ -232,12 +243,16 @@ def tensor_batches(split: dict, root: Path, size: int, mean: Sequence[float], st
             yield x, labels
 
 
-def eval_batches(split: dict, root: Path, size: int, mean, std, batch_size: int, workers: int, device: str):
-    """The test split's batches for `device`: decoded on the GPU when it is one, by CPU workers otherwise."""
-    if str(device).startswith("cuda"):
+def eval_batches(split: dict, root: Path, size: int, mean, std, batch_size: int, workers: int, device: str,
+                 decode: str):
+    """The test split's batches for `device`, as eval.decode says: `reference`, CLIP-LoRA's own pixels (PIL in
+    `workers` DataLoader processes, on every device); `fast`, decoded and resized on `device` (nvJPEG on a GPU)."""
+    if decode == "reference":
+        return eval_loader(split, root, size, mean, std, batch_size, workers)
+    if decode == "fast":
         return Batches(lambda: tensor_batches(split, root, size, mean, std, batch_size, device),
-                         -(-len(split["test"]) // batch_size))
-    return eval_loader(split, root, size, mean, std, batch_size, workers)
+                       -(-len(split["test"]) // batch_size))
+    raise ValueError(f"eval.decode: {decode!r}, expected reference or fast")
 
 
 class Batches:

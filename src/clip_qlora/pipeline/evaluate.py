@@ -23,8 +23,9 @@ def evaluate(p, method: str, dataset: str) -> dict:
         if not (d / "adapter_config.json").exists():
             raise UserError(f"{d}: no adapters; run the train stage first (dvc repro train@{method}-{dataset})")
 
-    def make_batches(size, mean, std):  # decoded on the GPU when evaluating on one
-        return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device)
+    def make_batches(size, mean, std):  # the reference's pixels unless eval.decode is fast
+        return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device,
+                            p.eval.decode)
 
     r = evaluate_method(base_dir=base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
                         classnames=split["classnames"], make_batches=make_batches, device=device)
@@ -38,6 +39,7 @@ def evaluate(p, method: str, dataset: str) -> dict:
                "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                "accuracy": r["accuracy"],
                "per_class": per_class, "n_test": r["n_test"], "passes": r["passes"],
+               "eval_decode": p.eval.decode,  # the report lists the fast path among the deviations
                **common(device, read_json(base_of(method) / "base.json"))}
     write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
     # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded

@@ -30,8 +30,9 @@ def zeroshot(p, base: str) -> dict:
     model, meta = load_base(base_dir(base), device)
     per_dataset = {}
     for dataset, split in splits.items():
-        def make_batches(size, mean, std, split=split):  # decoded on the GPU when evaluating on one
-            return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device)
+        def make_batches(size, mean, std, split=split):  # the reference's pixels unless eval.decode is fast
+            return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device,
+                                p.eval.decode)
 
         # both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row used CoOp's
         # per-dataset templates
@@ -44,6 +45,6 @@ def zeroshot(p, base: str) -> dict:
         # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
         print(f"zeroshot {base} {dataset}: {r['n_test']} test images, {r['passes']} passes, "
               f"{r['eval_seconds']:.2f} s ({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
-    metrics = {"base": base, "datasets": per_dataset, **common(device, meta)}
+    metrics = {"base": base, "datasets": per_dataset, "eval_decode": p.eval.decode, **common(device, meta)}
     write_json(metrics_path(base), metrics)  # one file, written once every dataset is scored
     return metrics
