@@ -8,6 +8,7 @@ it (it holds embed_dim, vision_cfg and text_cfg). tests/test_model.py checks the
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import json
@@ -34,3 +35,15 @@ def configs() -> dict[str, dict]:
 def tower_depth(arch: str, tower: str) -> int:
     """Transformer blocks of one tower (open_clip's default of 12 where the config does not say)."""
     return int(configs()[arch].get(TOWER_CFG[tower], {}).get("layers", 12))
+
+
+def suggest(name) -> str:
+    """What to say of an architecture name that is not known: a few close names, not all ~100."""
+    def norm(n: str) -> str:  # "vit_b/16" is meant as ViT-B-16
+        return n.lower().replace("_", "-").replace("/", "-")
+
+    by_norm = {norm(n): n for n in configs()}
+    close = [by_norm[n] for n in difflib.get_close_matches(norm(str(name)), list(by_norm), n=4, cutoff=0.5)]
+    hint = f"e.g. {', '.join(close)}" if close else "e.g. ViT-B-16, ViT-L-14 or the shipped clip-tiny"
+    return (f"an open_clip architecture ({hint}; all: the names of open_clip's model_configs/*.json, "
+            f"or open_clip.list_models())")
