@@ -123,15 +123,23 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    """Read JSON, turning a syntax error into one line naming the file and the position."""
+def remake(stage: str) -> str:
+    """The command that makes a stage's outputs again, whatever DVC thinks of them (for a damaged output)."""
+    return f"dvc repro -f {stage}"
+
+
+def read_json(path: str | Path, remake: str | None = None) -> Any:
+    """Read JSON, turning a missing file or a syntax error into one line naming the file and the position;
+    `remake`: what makes the file again (`dvc repro -f quantize@nf4`), said on a truncated or missing one."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: file not found" + (f"; make it with `{remake}`" if remake else ""))
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"at line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "(not text)"
+        raise UserError(f"{path}: malformed JSON {where}"
+                        + (f" (truncated or damaged?); make it again with `{remake}`" if remake else "")) from None
 
 
 @contextlib.contextmanager
