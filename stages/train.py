@@ -12,7 +12,7 @@ def train(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = Par
     p = config.load(params)
     config.require_member("method", method, p.methods)
     config.require_member("dataset", dataset, p.datasets)
-    inputs.split(dataset, p.data.root)
+    inputs.split(dataset, p.data.root, p.data.shots, p.data.seeds)
     inputs.method(method)
     from clip_qlora.pipeline.train import train as run  # torch: after params are checked
 

@@ -44,6 +44,6 @@ def suggest(name) -> str:
 
     by_norm = {norm(n): n for n in configs()}
     close = [by_norm[n] for n in difflib.get_close_matches(norm(str(name)), list(by_norm), n=4, cutoff=0.5)]
-    hint = f"e.g. {', '.join(close)}" if close else "e.g. ViT-B-16, ViT-L-14 or the shipped clip-tiny"
-    return (f"an open_clip architecture ({hint}; all: the names of open_clip's model_configs/*.json, "
-            f"or open_clip.list_models())")
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+    hint = f"close: {', '.join(close)}; " if close else ""
+    return f"an open_clip architecture ({hint}all: open_clip.list_models()) or a shipped one ({shipped})"

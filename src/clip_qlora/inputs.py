@@ -23,12 +23,16 @@ def _need(path: Path, stage: str) -> Path:
     return path
 
 
-def split(dataset: str, root) -> None:
-    """The split file, checked whole (every image it lists must exist under data.root `root`)."""
+def split(dataset: str, root, shots: int | None = None, seeds: list | None = None) -> None:
+    """The split file, checked whole (every image it lists must exist under data.root `root`); with `shots`
+    and `seeds` (what training draws from it), made for those."""
     from .data.splits import load_split
 
-    _need(split_path(dataset), f"prepare@{dataset}")
-    load_split(split_path(dataset), Path(root))
+    path = _need(split_path(dataset), f"prepare@{dataset}")
+    s = load_split(path, Path(root))
+    if shots is not None and (s["shots"] != shots or any(str(seed) not in s["train"] for seed in seeds)):
+        raise UserError(f"{path}: made for shots={s['shots']} and seeds {sorted(s['train'])}, params ask "
+                        f"shots={shots} seeds {seeds}; rerun prepare (dvc repro prepare@{dataset})")
 
 
 def base(name: str) -> None:
