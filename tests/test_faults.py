@@ -547,3 +547,52 @@ def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
         monkeypatch.setattr(stage_module, target, lambda *a, **k: 1 / 0)
         r = invoke(*args)
         assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, ZeroDivisionError)
+
+
+def _probe(folder: Path, *args: str) -> tuple[dict, list[str]]:
+    """A stage in a fresh interpreter: (exit code and the heavy modules it imported, its stderr lines)."""
+    import subprocess
+    import sys
+
+    from cli_helpers import ENV
+    from test_imports import HEAVY, PROBE
+
+    r = subprocess.run([sys.executable, "-c", PROBE.format(args=list(args), heavy=HEAVY)], cwd=folder, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    return json.loads(r.stdout.strip().splitlines()[-1]), stderr_lines(r.stderr)
+
+
+def test_a_stage_run_by_hand_without_its_inputs_names_the_stage_that_makes_them(runs, tmp_path):
+    """Before torch is imported: one line naming the missing file and the `dvc repro` that makes it."""
+    one, _ = runs
+    write_params(tmp_path, PARAMS)
+    train = ("train", "--method", "qlora", "--dataset", "shapes")
+    cases = [
+        (train, "data/splits/shapes.json: missing; the prepare stage makes it: run `dvc repro prepare@shapes` first"),
+        (("zeroshot", "--base", "bf16"), "data/splits/shapes.json: missing; the prepare stage makes it: run "
+                                         "`dvc repro prepare@shapes` first"),
+    ]
+    for args, line in cases:
+        out, lines = _probe(tmp_path, *args)
+        assert (out["exit"], out["heavy"], lines) == (2, [], [f"error: {line}"]), args
+    shutil.copytree(one / "data", tmp_path / "data")
+    cases = [
+        (train, "models/methods/qlora.json: missing; the quantize stage makes it: run `dvc repro quantize@nf4` first"),
+        (("profile", "--method", "lora"), "models/methods/lora.json: missing; the quantize stage makes it: run "
+                                          "`dvc repro quantize@bf16` first"),
+        (("zeroshot", "--base", "nf4"), "models/nf4/base.json: missing; the quantize stage makes it: run "
+                                        "`dvc repro quantize@nf4` first"),
+    ]
+    for args, line in cases:
+        out, lines = _probe(tmp_path, *args)
+        assert (out["exit"], out["heavy"], lines) == (2, [], [f"error: {line}"]), args
+    shutil.copytree(one / "models", tmp_path / "models")
+    out, lines = _probe(tmp_path, "evaluate", "--method", "lora", "--dataset", "shapes")
+    assert (out["exit"], out["heavy"]) == (2, [])
+    assert lines == ["error: adapters/lora/shapes/seed1/adapter_config.json: missing; the train stage makes it: "
+                     "run `dvc repro train@lora-shapes` first"]
+    truncate(tmp_path / "models" / "nf4" / "base.json")
+    out, lines = _probe(tmp_path, "profile", "--method", "qlora")
+    assert (out["exit"], out["heavy"]) == (2, [])
+    assert re.fullmatch(r"error: models/nf4/base\.json: malformed JSON at line \d+, column \d+: .* \(truncated or "
+                        r"damaged\?\); make it again with `dvc repro -f quantize@nf4`", lines[0]) and len(lines) == 1

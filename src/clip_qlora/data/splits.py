@@ -90,7 +90,6 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
             train[str(seed)], replacement[str(seed)] = draw_shots(part.train, part.classnames, shots, seed,
                                                                  _readable(root), dataset)
     _warn_replacement(dataset, shots, replacement)
-    _check_test_images(root, part.test, root / spec.folder / spec.split_file)
     split = {
         "dataset": dataset,
         "classnames": part.classnames,
@@ -103,7 +102,9 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
         "train": train,
         "replacement": replacement,  # per seed, the classes with fewer than `shots` images (drawn with replacement)
     }
-    return validate(split, root, str(root / spec.folder / spec.split_file))
+    validate(split, root, str(root / spec.folder / spec.split_file))  # every listed file exists
+    _check_test_images(root, part.test, root / spec.folder / spec.split_file)
+    return split
 
 
 def _warn_replacement(dataset: str, shots: int, replacement: dict[str, list[str]]) -> None:
