@@ -144,5 +144,6 @@ def test_dataset_files_are_a_dependency_of_prepare(tmp_path):
     assert r.returncode != 0
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
     bad = "data/raw/shapes/images/blue_square/test_003.png"
-    assert errors == [f"error: {bad}: test image cannot be opened (cannot identify image file '{bad}'); replace it (or remove it from the test list of data/raw/shapes/split_zhou_Shapes.json) "
-                      f"and rerun prepare"], r.stdout + r.stderr
+    assert errors == [f"error: {bad}: test image cannot be opened (cannot identify image file '{bad}'); replace it "
+                      f"(or remove it from the test list of data/raw/shapes/split_zhou_Shapes.json) and rerun "
+                      f"prepare"], r.stdout + r.stderr

@@ -527,9 +527,11 @@ def _oom(*args, **kwargs):
     ("profile", ("profile", "--method", "lora")),
     ("quantize", ("quantize", "--base", "nf4")),
 ])
-def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
+def test_cuda_oom_exits_3_with_advice(runs, tmp_path, monkeypatch, target, args):
     stage_module = importlib.import_module(f"clip_qlora.pipeline.{target}")
     monkeypatch.setattr(stage_module, target, _oom)
+    for part in ("data", "models", "adapters"):  # the inputs each stage checks before it runs
+        shutil.copytree(runs[0] / part, tmp_path / part)
     with project(tmp_path, PARAMS):
         r = invoke(*args)
         assert r.exit_code == 3, (r.output, r.exception)
@@ -567,25 +569,23 @@ def test_a_stage_run_by_hand_without_its_inputs_names_the_stage_that_makes_them(
     one, _ = runs
     write_params(tmp_path, PARAMS)
     train = ("train", "--method", "qlora", "--dataset", "shapes")
-    cases = [
-        (train, "data/splits/shapes.json: missing; the prepare stage makes it: run `dvc repro prepare@shapes` first"),
-        (("zeroshot", "--base", "bf16"), "data/splits/shapes.json: missing; the prepare stage makes it: run "
-                                         "`dvc repro prepare@shapes` first"),
+    made_by = "missing; the {} stage makes it: run `dvc repro {}` first"
+    steps = [  # (copied from the full run first, then each stage and what it must say is missing)
+        (None, [(train, "data/splits/shapes.json: " + made_by.format("prepare", "prepare@shapes")),
+                (("zeroshot", "--base", "bf16"),
+                 "data/splits/shapes.json: " + made_by.format("prepare", "prepare@shapes"))]),
+        ("data", [(train, "models/methods/qlora.json: " + made_by.format("quantize", "quantize@nf4")),
+                  (("profile", "--method", "lora"),
+                   "models/methods/lora.json: " + made_by.format("quantize", "quantize@bf16")),
+                  (("zeroshot", "--base", "nf4"),
+                   "models/nf4/base.json: " + made_by.format("quantize", "quantize@nf4"))]),
     ]
-    for args, line in cases:
-        out, lines = _probe(tmp_path, *args)
-        assert (out["exit"], out["heavy"], lines) == (2, [], [f"error: {line}"]), args
-    shutil.copytree(one / "data", tmp_path / "data")
-    cases = [
-        (train, "models/methods/qlora.json: missing; the quantize stage makes it: run `dvc repro quantize@nf4` first"),
-        (("profile", "--method", "lora"), "models/methods/lora.json: missing; the quantize stage makes it: run "
-                                          "`dvc repro quantize@bf16` first"),
-        (("zeroshot", "--base", "nf4"), "models/nf4/base.json: missing; the quantize stage makes it: run "
-                                        "`dvc repro quantize@nf4` first"),
-    ]
-    for args, line in cases:
-        out, lines = _probe(tmp_path, *args)
-        assert (out["exit"], out["heavy"], lines) == (2, [], [f"error: {line}"]), args
+    for copied, cases in steps:
+        if copied:
+            shutil.copytree(one / copied, tmp_path / copied)
+        for args, line in cases:
+            out, lines = _probe(tmp_path, *args)
+            assert (out["exit"], out["heavy"], lines) == (2, [], [f"error: {line}"]), args
     shutil.copytree(one / "models", tmp_path / "models")
     out, lines = _probe(tmp_path, "evaluate", "--method", "lora", "--dataset", "shapes")
     assert (out["exit"], out["heavy"]) == (2, [])

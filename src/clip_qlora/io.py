@@ -137,7 +137,8 @@ def read_json(path: str | Path, remake: str | None = None) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f"at line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "(not text)"
+        where = (f"at line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
+                 else "(not text)")
         raise UserError(f"{path}: malformed JSON {where}"
                         + (f" (truncated or damaged?); make it again with `{remake}`" if remake else "")) from None
 
