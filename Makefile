@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml
 
 # The stages run as forks of one process that has imported torch, open_clip and PEFT (clip_qlora/warm.py):
 # seconds of start-up per stage instead of 10-20. Plain `dvc repro` runs the same stages, each cold.
+# params.yaml is checked first: DVC deletes a stage's outputs before the stage could reject a bad value.
 run: $(STAMP) .dvc
+	$(PY) -m stages check
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.warm -- $(BIN)/dvc repro
 
 demo: $(STAMP)

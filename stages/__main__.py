@@ -9,8 +9,8 @@ if os.environ.get("CLIP_QLORA_WARM"):  # run in a fork of the warm server, which
     if served is not None:
         warm.exit_with(served)
 
-from stages import (aggregate, evaluate, prepare, profile, quantize, scale, scale_report,  # noqa: F401  (register
-                    train, zeroshot)  # commands)
+from stages import (aggregate, check, evaluate, prepare, profile, quantize, scale,  # noqa: F401  (register
+                    scale_report, train, zeroshot)  # commands)
 from stages.app import app
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, scoring_
 @scoring_stage
 def evaluate(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
     """Top-1 accuracy (overall and per class) of each seed's adapters (the base's zero-shot: zeroshot)."""
-    from clip_qlora import config
+    from clip_qlora import config, inputs
 
     p = config.load(params)
     config.require_member("method", method, p.methods)
     config.require_member("dataset", dataset, p.datasets)
+    inputs.split(dataset, p.data.root)
+    inputs.method(method)
+    inputs.adapters(method, dataset, p.data.seeds)
     from clip_qlora.pipeline.evaluate import evaluate as run  # torch: after params are checked
 
     run(p, method, dataset)

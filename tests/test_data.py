@@ -545,3 +545,45 @@ def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"dtd: could not fetch into .*DTD \(network is unreachable\)"):
         prepare_split("dtd", tmp_path, 4, [1], download=True, template="clip")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("draw", ["clip_lora", "keyed"])
+def test_shots_drawn_with_replacement_are_said_once_on_stderr(tmp_path, caplog, draw):
+    """A class with fewer training images than data.shots: one warning naming the dataset and the classes,
+    whatever the number of seeds; none when every class has enough."""
+    build(tmp_path, "dtd")  # TRAIN_COUNTS: the third class has 2 images
+    caplog.set_level(logging.WARNING, logger="clip_qlora.data.splits")
+    prepare(tmp_path, "dtd", shots=4, seeds=(1, 2, 3), draw=draw)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "dtd: 1 of its classes have fewer training images than data.shots = 4, so their shots are drawn with "
+        "replacement (repeated images): zigzagged (the split file's 'replacement' lists them)"]
+    caplog.clear()
+    prepare(tmp_path, "dtd", shots=2, draw=draw)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING] == []
+    prepare(tmp_path, "dtd", shots=6, draw=draw)
+    assert ("3 of its classes have fewer training images than data.shots = 6, so their shots are drawn with "
+            "replacement (repeated images): banded, bubbly, zigzagged (") in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "png-crc"])
+def test_a_damaged_test_image_fails_prepare_naming_it(tmp_path, damage):
+    """Every test image the split lists is opened (header, and a PNG's checksums) before any training: a damaged
+    one stops prepare with one line naming it and what to do."""
+    prepare_split("shapes", tmp_path, 1, [1], download=False, template="clip")  # generates the images
+    images = sorted((tmp_path / "shapes" / "images").rglob("test_*.png"))
+    bad = images[7]
+    data = bytearray(bad.read_bytes())
+    if damage == "garbage":
+        bad.write_bytes(b"<html>not found</html>")
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:  # a flipped byte inside the image data: the header still reads
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    with pytest.raises(UserError) as e:
+        prepare_split("shapes", tmp_path, 1, [1], download=False, template="clip")
+    message = str(e.value)
+    assert message.startswith(f"{bad}: test image cannot be opened (") and "\n" not in message
+    assert message.endswith(f"; replace it (or remove it from the test list of "
+                            f"{tmp_path / 'shapes' / 'split_zhou_Shapes.json'}) and rerun prepare")

@@ -100,3 +100,50 @@ def test_stage_instances_match_dvcs_names():
                      "evaluate@lora-shapes", "evaluate@qlora-shapes", "zeroshot@bf16", "zeroshot@nf4",
                      "profile@lora", "profile@qlora", "aggregate",
                      "scale@clip-tiny", "scale_report"}
+
+
+def test_dataset_files_are_a_dependency_of_prepare(tmp_path):
+    """Through real DVC, prepare alone (seconds): replacing an image of data.root makes prepare stale; a damaged
+    test image then fails prepare with one line naming it, before any stage that trains."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from cli_helpers import ENV, demo_params, write_params
+
+    for name in ("dvc.yaml", "src", "stages", "configs"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, tmp_path / name)
+    write_params(tmp_path, demo_params())
+    env = {**ENV, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{ENV.get('PATH', '')}"}
+
+    def run(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert run("dvc", "init", "--no-scm", "-q").returncode == 0
+    assert run(sys.executable, "-m", "stages", "check").returncode == 0  # as `make run` does: makes data.root
+    r = run("dvc", "repro", "prepare@shapes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(run("dvc", "status", "--json", "prepare@shapes").stdout or "{}") == {}
+
+    image = tmp_path / "data/raw/shapes/images/red_circle/train_000.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(image)  # replaced by another readable image
+    status = json.loads(run("dvc", "status", "--json", "prepare@shapes").stdout)
+    assert status == {"prepare@shapes": [{"changed deps": {"data/raw": "modified"}}]}, status
+
+    test_image = tmp_path / "data/raw/shapes/images/blue_square/test_003.png"
+    test_image.write_bytes(b"")
+    r = run("dvc", "repro", "prepare@shapes")
+    assert r.returncode != 0
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    bad = "data/raw/shapes/images/blue_square/test_003.png"
+    assert errors == [f"error: {bad}: test image cannot be opened (cannot identify image file '{bad}'); replace it "
+                      f"(or remove it from the test list of data/raw/shapes/split_zhou_Shapes.json) and rerun "
+                      f"prepare"], r.stdout + r.stderr

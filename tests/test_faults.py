@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -210,11 +211,158 @@ def test_failed_write_json_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError) as e:
         write_json(out, {"accuracy": 2.0, "per_class": list(range(1000))})
     monkeypatch.undo()
+    assert str(e.value) == (f"{out}: could not write it: No space left on device; free space on {tmp_path} (df -h) "
+                            f"and rerun (the previous version is kept)")
     assert out.read_bytes() == before
     assert all_files(tmp_path) == ["metrics.json"]  # no temporary file left behind
+
+
+# how a full disk reaches the atomic writers: an OSError from Python's own writes, safetensors' error type (Rust
+# io::Error text), torch.save's RuntimeError with the OSError chained or only "file write failed"
+def _enospc():
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class SafetensorError(Exception):
+    pass
+
+
+def _safetensors_full():
+    raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                          "message: \"No space left on device\" })")
+
+
+def _torch_save_full():
+    try:
+        _enospc()
+    except OSError as e:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 2240 vs 2125") from e
+
+
+def _torch_save_native():
+    raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                       "data/3: file write failed")
+
+
+@pytest.mark.parametrize("fail", [_enospc, _safetensors_full, _torch_save_full, _torch_save_native],
+                         ids=["oserror", "safetensors", "torch-chained", "torch-native"])
+def test_full_disk_while_saving_a_base_is_one_line_and_keeps_the_previous(saved_bases, tmp_path, monkeypatch, fail):
+    """save_base (quantize) and the checkpoint's atomic_path: one line naming the output, nothing half-written."""
+    import clip_qlora.base as base_mod
+    from clip_qlora.base import read_base, save_base
+
+    out = tmp_path / "models" / "bf16"
+    shutil.copytree(saved_bases["bf16"], out)
+    before = {f: (out / f).read_bytes() for f in ("base.json", "model.safetensors")}
+    model, meta = base_mod.load_base(out, "cpu")
+
+    def full_save(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a tensor")
+        fail()
+
+    monkeypatch.setattr(base_mod, "save_file", full_save)
+    with pytest.raises(UserError) as e:
+        save_base(model, meta, out)
+    assert str(e.value).startswith(f"{out}: could not write it: ") and "(the previous version is kept)" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert all_files(tmp_path) == ["models/bf16/base.json", "models/bf16/model.safetensors"]
+    read_base(out)  # still loads
+
+    ckpt = tmp_path / ".ckpt" / "seed1.pt"
+    with pytest.raises(UserError, match=rf"^{re.escape(str(ckpt))}: could not write it: .*\(nothing was written\)$"):
+        with atomic_path(ckpt) as tmp:
+            tmp.write_bytes(b"half")
+            fail()
+    assert all_files(tmp_path / ".ckpt") == []
+
+
+def test_other_errors_inside_the_writers_are_not_called_a_full_disk(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(tmp_path / "x.json"):
+            raise FileNotFoundError(errno.ENOENT, "an input is missing")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with atomic_dir(tmp_path / "d"):
+            raise RuntimeError("shape mismatch")
+    assert all_files(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """A writer killed outright (SIGKILL while quantize saves models/nf4) leaves its temporary; the next write of the
+    same target removes it. A live writer's temporary and other targets' are left alone."""
+    dead = _dead_pid()
+    models = tmp_path / "models"
+    stale_dir = models / f".nf4.{dead}.k2j4h1x0.tmp"
+    (stale_dir / "sub").mkdir(parents=True)
+    (stale_dir / "sub" / "model.safetensors").write_bytes(b"half")
+    stale_file = tmp_path / f".summary.json.{dead}.abcd_123.tmp"
+    stale_file.write_text("{")
+    live = models / f".nf4.{os.getpid()}.zzzzzzzz.tmp"  # this process: alive
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"being written")
+    other = models / f".nf4.12.{dead}.abcdefgh.tmp"  # the temporary of a target named "nf4.12", not "nf4"
+    other.write_text("x")
+    old_style = models / ".nf4.q8w7e6r5.tmp"  # no PID (written before PIDs were in the name): writer unknown
+    old_style.write_text("x")
+
+    with atomic_dir(models / "nf4") as tmp:
+        (tmp / "base.json").write_text("{}")
+    write_json(tmp_path / "summary.json", {})
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert live.exists() and other.exists() and old_style.exists()
+    assert all_files(models) == sorted(["nf4/base.json", f"{live.name}/model.safetensors", other.name,
+                                        old_style.name])
+
+
+def test_outputs_get_the_umask_modes(tmp_path, saved_bases):
+    """safetensors writes 0600 files and mkstemp/mkdtemp make 0600/0700: outputs are ordinary files, as the umask
+    says (0644 and 0755 under the usual 022)."""
+    from clip_qlora.base import load_base, save_base
+
+    model, meta = load_base(saved_bases["bf16"], "cpu")
+    for umask, file_mode, dir_mode in [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]:
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"u{umask:o}"
+            save_base(model, meta, out / "models" / "bf16")
+            write_json(out / "metrics.json", {})
+            with atomic_path(out / "ckpt.pt") as tmp:
+                torch.save({"step": 1}, tmp)
+        finally:
+            os.umask(old)
+        modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+        assert modes == {"models": dir_mode, "models/bf16": dir_mode, "models/bf16/base.json": file_mode,
+                         "models/bf16/model.safetensors": file_mode, "metrics.json": file_mode,
+                         "ckpt.pt": file_mode}, (oct(umask), modes)
+
+
+# ---- damaged or missing inputs: one line naming the file and the stage that makes it ------------------------------
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "base.json"])
+def test_truncated_base_names_the_file_and_the_stage(saved_bases, tmp_path, damaged):
+    from clip_qlora.base import read_base
+
+    out = tmp_path / "models" / "nf4"
+    shutil.copytree(saved_bases["nf4"], out)
+    truncate(out / damaged)
+    with pytest.raises(UserError) as e:
+        read_base(out)
+    message = str(e.value)
+    assert message.startswith(f"{out / damaged}: ") and "\n" not in message
+    assert message.endswith("`dvc repro -f quantize@nf4`"), message
 
 
 def test_failure_inside_atomic_path_keeps_previous_or_nothing(tmp_path):
@@ -379,9 +527,11 @@ def _oom(*args, **kwargs):
     ("profile", ("profile", "--method", "lora")),
     ("quantize", ("quantize", "--base", "nf4")),
 ])
-def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
+def test_cuda_oom_exits_3_with_advice(runs, tmp_path, monkeypatch, target, args):
     stage_module = importlib.import_module(f"clip_qlora.pipeline.{target}")
     monkeypatch.setattr(stage_module, target, _oom)
+    for part in ("data", "models", "adapters"):  # the inputs each stage checks before it runs
+        shutil.copytree(runs[0] / part, tmp_path / part)
     with project(tmp_path, PARAMS):
         r = invoke(*args)
         assert r.exit_code == 3, (r.output, r.exception)
@@ -399,3 +549,50 @@ def test_cuda_oom_exits_3_with_advice(tmp_path, monkeypatch, target, args):
         monkeypatch.setattr(stage_module, target, lambda *a, **k: 1 / 0)
         r = invoke(*args)
         assert r.exit_code not in (0, 2, 3) and isinstance(r.exception, ZeroDivisionError)
+
+
+def _probe(folder: Path, *args: str) -> tuple[dict, list[str]]:
+    """A stage in a fresh interpreter: (exit code and the heavy modules it imported, its stderr lines)."""
+    import subprocess
+    import sys
+
+    from cli_helpers import ENV
+    from test_imports import HEAVY, PROBE
+
+    r = subprocess.run([sys.executable, "-c", PROBE.format(args=list(args), heavy=HEAVY)], cwd=folder, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    return json.loads(r.stdout.strip().splitlines()[-1]), stderr_lines(r.stderr)
+
+
+def test_a_stage_run_by_hand_without_its_inputs_names_the_stage_that_makes_them(runs, tmp_path):
+    """Before torch is imported: one line naming the missing file and the `dvc repro` that makes it."""
+    one, _ = runs
+    write_params(tmp_path, PARAMS)
+    train = ("train", "--method", "qlora", "--dataset", "shapes")
+    made_by = "missing; the {} stage makes it: run `dvc repro {}` first"
+    steps = [  # (copied from the full run first, then each stage and what it must say is missing)
+        (None, [(train, "data/splits/shapes.json: " + made_by.format("prepare", "prepare@shapes")),
+                (("zeroshot", "--base", "bf16"),
+                 "data/splits/shapes.json: " + made_by.format("prepare", "prepare@shapes"))]),
+        ("data", [(train, "models/methods/qlora.json: " + made_by.format("quantize", "quantize@nf4")),
+                  (("profile", "--method", "lora"),
+                   "models/methods/lora.json: " + made_by.format("quantize", "quantize@bf16")),
+                  (("zeroshot", "--base", "nf4"),
+                   "models/nf4/base.json: " + made_by.format("quantize", "quantize@nf4"))]),
+    ]
+    for copied, cases in steps:
+        if copied:
+            shutil.copytree(one / copied, tmp_path / copied)
+        for args, line in cases:
+            out, lines = _probe(tmp_path, *args)
+            assert (out["exit"], out["heavy"], lines) == (2, [], [f"error: {line}"]), args
+    shutil.copytree(one / "models", tmp_path / "models")
+    out, lines = _probe(tmp_path, "evaluate", "--method", "lora", "--dataset", "shapes")
+    assert (out["exit"], out["heavy"]) == (2, [])
+    assert lines == ["error: adapters/lora/shapes/seed1/adapter_config.json: missing; the train stage makes it: "
+                     "run `dvc repro train@lora-shapes` first"]
+    truncate(tmp_path / "models" / "nf4" / "base.json")
+    out, lines = _probe(tmp_path, "profile", "--method", "qlora")
+    assert (out["exit"], out["heavy"]) == (2, [])
+    assert re.fullmatch(r"error: models/nf4/base\.json: malformed JSON at line \d+, column \d+: .* \(truncated or "
+                        r"damaged\?\); make it again with `dvc repro -f quantize@nf4`", lines[0]) and len(lines) == 1

@@ -10,6 +10,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,9 @@ from clip_qlora import config
 from clip_qlora.data.splits import load_split, prepare_split, write_split
 from clip_qlora.io import UserError
 
-from cli_helpers import (DELETE, demo_params, invoke, project, set_key, start_stage, stderr_lines,
+from cli_helpers import (DELETE, ENV, all_files, demo_params, invoke, project, set_key, start_stage, stderr_lines,
                          write_params)
+from test_imports import HEAVY, PROBE
 
 TRAIN = ("train", "--method", "lora", "--dataset", "shapes")
 
@@ -208,10 +211,27 @@ def test_malformed_yaml_names_the_position(tmp_path, text, line, column):
         config.load(path)
 
 
-@pytest.mark.parametrize("text", ["- datasets\n- methods\n", "", "just a string\n"], ids=["list", "empty", "scalar"])
+@pytest.mark.parametrize("text", ["- datasets\n- methods\n", "just a string\n"], ids=["list", "scalar"])
 def test_params_file_that_is_not_a_mapping(tmp_path, text):
     with pytest.raises(UserError, match="must hold a mapping of groups"):
         config.load(write_params(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"], ids=["empty", "comment"])
+def test_empty_params_file_names_the_groups(tmp_path, text):
+    with pytest.raises(UserError, match=r"^params: the file is empty; expected the groups datasets, methods, data, "):
+        config.load(write_params(tmp_path, text))
+
+
+@pytest.mark.parametrize("key", ["model.arch", "scale.archs"])
+def test_unknown_arch_names_a_few_close_matches(tmp_path, key):
+    """Not open_clip's ~100 names on one line: a few close ones, case and separators forgiven."""
+    value = "vit_b/16" if key == "model.arch" else ["clip-tiny", "vit_b/16"]
+    with pytest.raises(UserError) as e:
+        config.load(bad_params(tmp_path, key, value))
+    message = str(e.value)
+    assert message.startswith(f"params: {key} = 'vit_b/16': expected an open_clip architecture (close: ViT-B-16, ")
+    assert len(message) < 300 and "ViT-bigG-14" not in message, message
 
 
 def test_missing_params_file(tmp_path):
@@ -321,6 +341,57 @@ def test_bad_params_through_each_stage_in_process(tmp_path):
             r = invoke(*args)
             assert r.exit_code == 2, (args, r.output)
             assert stderr_lines(r.stderr) == ["error: params: quant.type = 'int4': expected one of nf4, fp4"]
+
+
+# ---- `python -m stages check`: the whole file, before DVC touches an output -----------------------------------
+
+CHECK_CASES = [  # (id, params text or change, the one error line)
+    ("r", ("lora.r", -1), "error: params: lora.r = -1: expected an integer >= 1"),
+    ("dora", ("methods", ["lora", "dora"]),
+     "error: params: methods = ['lora', 'dora']: expected a non-empty list of distinct values from lora, lora_gc, "
+     "qlora, qlora_gc"),
+    ("string", ("datasets", "shapes"),
+     "error: params: datasets = 'shapes': expected a non-empty list of distinct values from eurosat, dtd, "
+     "caltech101, oxford_pets, oxford_flowers, food101, fgvc_aircraft, ucf101, shapes"),
+    ("empty", "", "error: params: the file is empty; expected the groups datasets, methods, data, model, quant, lora, "
+                  "train, eval, runtime, profile, scale (copy them from the study's params.yaml)"),
+    # a group no training stage reads still fails the check (DVC would delete scale@*'s outputs for it)
+    ("scale", ("scale.gpu_gib", [16, 8]), "error: params: scale.gpu_gib = [16, 8]: expected a non-empty increasing "
+                                          "list of GPU sizes in GiB, e.g. [8, 16, 24]"),
+]
+
+
+def run_check(folder: Path) -> dict:
+    """`python -m stages check` in a fresh interpreter: exit code, heavy modules it imported, stderr."""
+    r = subprocess.run([sys.executable, "-c", PROBE.format(args=["check"], heavy=HEAVY)], cwd=folder, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "stderr": r.stderr}
+
+
+@pytest.mark.parametrize("name,change,line", CHECK_CASES, ids=[c[0] for c in CHECK_CASES])
+def test_check_command_fails_on_a_bad_param_and_touches_nothing(tmp_path, name, change, line):
+    """What `make run` runs before `dvc repro`: exit 2, one line naming the key; a previous output is left as it
+    was, and no torch is imported (so the check takes a fraction of a second)."""
+    params = change if isinstance(change, str) else set_key(base_params(), *change)
+    write_params(tmp_path, params)
+    previous = tmp_path / "adapters" / "lora" / "shapes" / "seed1" / "adapter_model.safetensors"
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(b"trained weights")
+    out = run_check(tmp_path)
+    assert out["exit"] == 2 and out["heavy"] == [], out
+    assert stderr_lines(out["stderr"]) == [line]
+    assert previous.read_bytes() == b"trained weights"
+    assert all_files(tmp_path) == ["adapters/lora/shapes/seed1/adapter_model.safetensors", "params.yaml"]
+
+
+def test_check_command_passes_good_params_and_makes_data_root(tmp_path):
+    """Every prepare stage depends on data.root (dvc.yaml), which DVC wants to exist before prepare can fill it."""
+    write_params(tmp_path, base_params())
+    out = run_check(tmp_path)
+    assert out["exit"] in (0, None) and out["heavy"] == [], out
+    assert (tmp_path / "data" / "raw").is_dir()
+    assert config.check_params(tmp_path / "params.yaml").datasets == ["shapes"]
 
 
 # ---- bad split files ------------------------------------------------------------------------------------------

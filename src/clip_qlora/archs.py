@@ -8,6 +8,7 @@ it (it holds embed_dim, vision_cfg and text_cfg). tests/test_model.py checks the
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import json
@@ -34,3 +35,15 @@ def configs() -> dict[str, dict]:
 def tower_depth(arch: str, tower: str) -> int:
     """Transformer blocks of one tower (open_clip's default of 12 where the config does not say)."""
     return int(configs()[arch].get(TOWER_CFG[tower], {}).get("layers", 12))
+
+
+def suggest(name) -> str:
+    """What to say of an architecture name that is not known: a few close names, not all ~100."""
+    def norm(n: str) -> str:  # "vit_b/16" is meant as ViT-B-16
+        return n.lower().replace("_", "-").replace("/", "-")
+
+    by_norm = {norm(n): n for n in configs()}
+    close = [by_norm[n] for n in difflib.get_close_matches(norm(str(name)), list(by_norm), n=4, cutoff=0.5)]
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+    hint = f"close: {', '.join(close)}; " if close else ""
+    return f"an open_clip architecture ({hint}all: open_clip.list_models()) or a shipped one ({shipped})"

@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import backends, gpu_claim
-from .io import UserError, atomic_dir
+from .io import UserError, atomic_dir, read_json, remake
 from .model import build_base, uses_quick_gelu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,16 +56,32 @@ def save_base(model: nn.Module, meta: dict, out_dir: str | Path) -> None:
         (tmp / "base.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _remake(base_dir: Path) -> str:
+    return remake(f"quantize@{base_dir.name}")  # the stage (dvc.yaml) that saves models/<base>
+
+
 def read_base(base_dir: str | Path) -> tuple[dict, dict]:
-    """(meta, saved tensors) of a saved base, read from disk once (a stage reuses them for every seed)."""
+    """(meta, saved tensors) of a saved base, read from disk once (a stage reuses them for every seed).
+
+    A missing, truncated or damaged file is one line naming it and the command that rebuilds it."""
     base_dir = Path(base_dir)
     meta_path = base_dir / "base.json"
     if not meta_path.exists():
-        raise UserError(f"{meta_path}: missing; run the quantize stage first (dvc repro quantize)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("activation") not in ("quick_gelu", "gelu"):
-        raise UserError(f"{meta_path}: no 'activation' recorded (made by an older version); rerun the quantize stage")
-    return meta, load_file(str(base_dir / "model.safetensors"))
+        raise UserError(f"{meta_path}: missing; run the quantize stage first (`dvc repro quantize@{base_dir.name}`)")
+    meta = read_json(meta_path, _remake(base_dir))
+    if not isinstance(meta, dict) or meta.get("activation") not in ("quick_gelu", "gelu"):
+        raise UserError(f"{meta_path}: no 'activation' recorded (made by an older version or damaged); "
+                        f"rebuild it with `{_remake(base_dir)}`")
+    weights = base_dir / "model.safetensors"
+    if not weights.exists():
+        raise UserError(f"{weights}: missing; rebuild the base with `{_remake(base_dir)}`")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors' own error type (a truncated file: "incomplete metadata") or an OSError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{weights}: unreadable ({reason}; truncated or damaged?); rebuild the base with "
+                        f"`{_remake(base_dir)}`") from None
+    return meta, state
 
 
 def _rebuild_unsaved_buffers(model: nn.Module, device) -> None:

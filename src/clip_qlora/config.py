@@ -232,7 +232,8 @@ def validate(p: Params) -> Params:
     _choice("data.template", d.template, TEMPLATES)
     _choice("data.split_draw", d.split_draw, SPLIT_DRAWS)
     m = p.model
-    _choice("model.arch", m.arch, tuple(archs.configs()))
+    if not isinstance(m.arch, str) or m.arch not in archs.configs():
+        raise _bad("model.arch", m.arch, archs.suggest(m.arch))
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
@@ -309,8 +310,7 @@ def _validate_scale(sc: Scale, layers: list | None, towers: list) -> None:
     known = archs.configs()
     for a in sc.archs:
         if not isinstance(a, str) or a not in known:
-            raise _bad("scale.archs", a, "open_clip architectures such as ViT-B-16, or the shipped clip-tiny, "
-                                         "clip-tiny-wide")
+            raise _bad("scale.archs", a, archs.suggest(a))
         depth = min(archs.tower_depth(a, t) for t in towers)
         if layers is not None and max(layers) >= depth:
             raise _bad("lora.layers", layers, f"block indices below {depth} (scale.archs has {a}, {depth} blocks "
@@ -334,6 +334,9 @@ def _validate_scale(sc: Scale, layers: list | None, towers: list) -> None:
 
 def parse(raw: Any) -> Params:
     """Turn the loaded YAML mapping into Params, refusing unknown keys (likely typos) and missing ones."""
+    if raw is None:
+        raise UserError(f"params: the file is empty; expected the groups {', '.join(f.name for f in fields(Params))} "
+                        f"(copy them from the study's params.yaml)")
     if not isinstance(raw, dict):
         raise UserError("params: the file must hold a mapping of groups (datasets, methods, data, ...)")
     top = {f.name: f for f in fields(Params)}
@@ -363,6 +366,16 @@ def _read(path: Path) -> Any:
 def load(path: str | Path = "params.yaml") -> Params:
     """Read, parse and validate params; the only entry point stages use."""
     return validate(parse(_read(Path(path))))
+
+
+def check_params(path: str | Path = "params.yaml") -> Params:
+    """Everything `dvc repro` could trip on in params, checked before DVC runs (and so before it deletes any
+    stage's outputs): every group of the file, as `load` does, without importing torch. Also creates data.root
+    when missing: every prepare stage depends on it, and DVC refuses a dependency that does not exist, even
+    where prepare itself would generate or download the data into it. `python -m stages check` runs this."""
+    p = load(path)
+    Path(p.data.root).mkdir(parents=True, exist_ok=True)
+    return p
 
 
 # The study's params.yaml in a source checkout (src/clip_qlora/config.py -> the project root).

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from . import archs
 from .archs import CONFIG_DIR
 from .io import UserError
 
@@ -173,8 +174,7 @@ def create_clip(arch: str, pretrained: str, quick_gelu="auto", device: str = "cp
     """
     register_configs()
     if arch not in open_clip.list_models():
-        raise UserError(f"model.arch: unknown architecture {arch!r}; expected an open_clip name "
-                        f"such as ViT-B-16 or the shipped clip-tiny")
+        raise UserError(f"model.arch: unknown architecture {arch!r}; expected {archs.suggest(arch)}")
     if not (pretrained in ("none", "", None) or _is_local(pretrained)
             or pretrained in open_clip.list_pretrained_tags_by_model(arch)):
         raise UserError(f"model.pretrained: {pretrained!r} is not an open_clip tag for {arch} "

@@ -24,7 +24,7 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from . import backends
+from . import archs, backends
 from .io import UserError
 from .model import (INIT_SEED, activation_kwargs, prepare_precision, register_configs, resolve_quick_gelu,
                     split_attention, uses_quick_gelu)
@@ -45,8 +45,7 @@ def _defaults(device: str, dtype: torch.dtype):
 def _check_arch(arch: str) -> None:
     register_configs()
     if arch not in open_clip.list_models():
-        raise UserError(f"scale.archs: unknown architecture {arch!r}; expected an open_clip name such as "
-                        f"ViT-B-16 or a shipped one (clip-tiny, clip-tiny-wide)")
+        raise UserError(f"scale.archs: unknown architecture {arch!r}; expected {archs.suggest(arch)}")
 
 
 def build_on_device(arch: str, compute_dtype: torch.dtype, device: str) -> nn.Module:

@@ -89,6 +89,7 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
         else:
             train[str(seed)], replacement[str(seed)] = draw_shots(part.train, part.classnames, shots, seed,
                                                                  _readable(root), dataset)
+    _warn_replacement(dataset, shots, replacement)
     split = {
         "dataset": dataset,
         "classnames": part.classnames,
@@ -101,7 +102,36 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
         "train": train,
         "replacement": replacement,  # per seed, the classes with fewer than `shots` images (drawn with replacement)
     }
-    return validate(split, root, str(root / spec.folder / spec.split_file))
+    validate(split, root, str(root / spec.folder / spec.split_file))  # every listed file exists
+    _check_test_images(root, part.test, root / spec.folder / spec.split_file)
+    return split
+
+
+def _warn_replacement(dataset: str, shots: int, replacement: dict[str, list[str]]) -> None:
+    classes = sorted({name for names in replacement.values() for name in names})
+    if classes:
+        shown = ", ".join(classes[:6]) + (f" and {len(classes) - 6} more" if len(classes) > 6 else "")
+        log.warning("%s: %d of its classes have fewer training images than data.shots = %d, so their shots are "
+                    "drawn with replacement (repeated images): %s (the split file's 'replacement' lists them)",
+                    dataset, len(classes), shots, shown)
+
+
+def _check_test_images(root: Path, test: list[tuple[str, int]], listed_in: Path) -> None:
+    """Every test image must open (PIL reads the header, and a PNG's chunk checksums): a damaged one found here
+    stops prepare, not evaluation after all the training. The pixels are decoded only when evaluated."""
+    from PIL import Image  # here, not at the top: checking params imports the data layer and needs no PIL
+
+    bad = []
+    for path, _ in test:
+        try:
+            with Image.open(root / path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            bad.append((root / path, e))
+    if bad:
+        (first, why), more = bad[0], len(bad) - 1
+        raise UserError(f"{first}: test image cannot be opened ({why})" + (f", and {more} more" if more else "")
+                        + f"; replace it (or remove it from the test list of {listed_in}) and rerun prepare")
 
 
 def write_split(path: Path, split: dict) -> None:
