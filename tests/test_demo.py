@@ -7,19 +7,17 @@ what is tested is how the demo makes and runs its folder, not the pipeline (test
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from proc_helpers import assert_all_gone, process_tree
 
 from clip_qlora import warm
 from clip_qlora.demo import DEMO_THREADS, committed, env_for
@@ -144,27 +142,14 @@ def test_stopping_the_demo_leaves_no_process_and_no_folder(project, tmp_path, ho
     tmp.mkdir()
     p = demo(project, tmp_path / "demo", env={**ENV, "DEMO_TEST_RECORD": str(record), "TMPDIR": str(tmp)},
              start_new_session=True)
-    procs = []
-    try:
-        deadline = time.monotonic() + 120
-        while not record.exists() or not record.read_text():
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.1)
-        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        assert int(record.read_text()) in {q.pid for q in procs}
+    with process_tree(p, record) as procs:
         assert any("--serve" in q.cmdline() for q in procs) and any("repro" in q.cmdline() for q in procs)
         if how == "ctrl-c":
             os.killpg(p.pid, signal.SIGINT)
         else:
             p.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         _, err = p.communicate(timeout=60)
-        _, left = psutil.wait_procs(procs, timeout=60)
-        assert not [q for q in left if q.is_running() and q.status() != psutil.STATUS_ZOMBIE], \
-            [q.cmdline() for q in left]
-    finally:
-        for q in procs:
-            with contextlib.suppress(psutil.Error):
-                q.kill()
+        assert_all_gone(procs)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert p.returncode != 0
     assert not list(tmp.glob(warm.FOLDER_PREFIX + "*"))

@@ -235,7 +235,7 @@ def test_sweep_benchmark_counts_processes_per_gpu():
 def test_sigterm_of_the_sweep_stops_its_dvc_command_and_stage(tmp_path):
     """`make sweep` stopped while DVC builds its baseline: SIGTERM reaches `dvc repro` and the stage it runs (a
     stand-in that records its pid and waits), the sweep exits as killed by SIGTERM, and nothing is left."""
-    import psutil
+    from proc_helpers import assert_all_gone, process_tree
 
     project, record = tmp_path / "project", tmp_path / "stage.pid"
     (project / "stages").mkdir(parents=True)
@@ -250,23 +250,10 @@ def test_sigterm_of_the_sweep_stops_its_dvc_command_and_stage(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "clip_qlora.sweep", str(project), str(tmp_path / "sweep")],
                          env=BASE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    procs = []
-    try:
-        deadline = time.monotonic() + 120
-        while not record.exists() or not record.read_text():
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.1)
-        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        assert int(record.read_text()) in {q.pid for q in procs} and any("repro" in q.cmdline() for q in procs)
+    with process_tree(p, record) as procs:
+        assert any("repro" in q.cmdline() for q in procs)
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
-        _, left = psutil.wait_procs(procs, timeout=60)
-        assert not [q for q in left if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
-    finally:
-        for q in procs:
-            try:
-                q.kill()
-            except psutil.Error:
-                pass
+        assert_all_gone(procs)
     assert p.returncode == -signal.SIGTERM and "Traceback" not in err, err
     assert "sweep: stopped by SIGTERM" in err

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from proc_helpers import assert_all_gone
 from warm_sleeper import CALLER
 
 from clip_qlora import warm
@@ -198,12 +199,6 @@ def _start_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, list[p
     assert rec["pid"] in {q.pid for q in procs}  # the forked stage is the server's child, so the run's
     assert len(procs) == 5, [q.cmdline() for q in procs]
     return p, procs, rec
-
-
-def assert_all_gone(procs: list[psutil.Process], timeout: float = 60) -> None:
-    gone, left = psutil.wait_procs(procs, timeout=timeout)
-    left = [q for q in left if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
-    assert not left, [q.cmdline() for q in left]
 
 
 def socket_folders(tmp_path: Path) -> list[str]:
