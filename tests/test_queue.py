@@ -230,3 +230,30 @@ def test_sweep_benchmark_counts_processes_per_gpu():
     assert occ["gpus"] == {"GPU-a": {"busy_samples": 2, "max_processes": 2},
                            "GPU-b": {"busy_samples": 2, "max_processes": 1}}
     assert occ["pids_on_several_gpus"] == ["103"]
+
+
+def test_sigterm_of_the_sweep_stops_its_dvc_command_and_stage(tmp_path):
+    """`make sweep` stopped while DVC builds its baseline: SIGTERM reaches `dvc repro` and the stage it runs (a
+    stand-in that records its pid and waits), the sweep exits as killed by SIGTERM, and nothing is left."""
+    from proc_helpers import assert_all_gone, process_tree
+
+    project, record = tmp_path / "project", tmp_path / "stage.pid"
+    (project / "stages").mkdir(parents=True)
+    (project / "src").mkdir()
+    (project / "configs").mkdir()
+    (project / "configs" / "demo.yaml").write_text("data: {root: data/raw}\n")
+    (project / "params.yaml").write_text("data: {root: data/raw}\n")
+    (project / "stages" / "wait.py").write_text(
+        f"import os, time\nopen({str(record)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    stages = {name: {"cmd": "python stages/wait.py"} for name in ("prepare", "quantize")}
+    (project / "dvc.yaml").write_text(json.dumps({"stages": stages}))
+    p = subprocess.Popen([sys.executable, "-m", "clip_qlora.sweep", str(project), str(tmp_path / "sweep")],
+                         env=BASE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    with process_tree(p, record) as procs:
+        assert any("repro" in q.cmdline() for q in procs)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert_all_gone(procs)
+    assert p.returncode == -signal.SIGTERM and "Traceback" not in err, err
+    assert "sweep: stopped by SIGTERM" in err

@@ -6,6 +6,7 @@ stand-in stage (tests/warm_sleeper.py) and one real stage command.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+from proc_helpers import assert_all_gone
+from warm_sleeper import CALLER
 
 from clip_qlora import warm
 
@@ -52,9 +56,7 @@ def server(tmp_path_factory):
 
 def client(server, record: Path, seconds: float = 0, env_extra: dict | None = None, **kw) -> subprocess.Popen:
     """`python -m warm_sleeper <record> <seconds>` as `python -m stages` forwards itself."""
-    code = ("import sys; from clip_qlora import warm; rc = warm.forward(module='warm_sleeper'); "
-            "sys.exit(99) if rc is None else warm.exit_with(rc)")
-    return subprocess.Popen([sys.executable, "-c", code, str(record), str(seconds)],
+    return subprocess.Popen([sys.executable, "-c", CALLER, str(record), str(seconds)],
                             env={**server["env"], **(env_extra or {})}, cwd=server["folder"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -155,3 +157,103 @@ def test_the_server_preloads_every_library(server):
         time.sleep(0.2)
         log = (server["folder"] / "server.log").read_text()
     assert "could not preload" not in log and "cold" not in log, log
+
+
+# ---- the wrapper: however it or its server ends, nothing of the run is left -----------------------------------
+
+def wrapper_env(tmp_path: Path) -> dict:
+    """The test's own temporary folder as the wrapper's (TMPDIR): its socket folders are the test's to see."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != warm.ENV}
+    return {**env, "TMPDIR": str(tmp_path / "tmp"),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), str(TESTS)])}
+
+
+@pytest.fixture
+def start_run(tmp_path):
+    """`start_run()`: `python -m clip_qlora.warm -- <DVC stand-in>` with one served stage sleeping; the wrapper
+    leads a process group of its own, as a shell's foreground job does. Returns it, every process of the run
+    once the stage runs (wrapper, server, DVC stand-in, caller, forked stage) and the stage's record. Whatever
+    a failed test leaves is killed afterwards."""
+    started: list[psutil.Process] = []
+
+    def start(seconds: float = 120):
+        p, procs, rec = _start_run(tmp_path, seconds)
+        started.extend(procs)
+        return p, procs, rec
+
+    yield start
+    for q in started:
+        with contextlib.suppress(psutil.Error):
+            q.kill()
+
+
+def _start_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, list[psutil.Process], dict]:
+    record = tmp_path / "rec.json"
+    cmd = [sys.executable, "-m", "clip_qlora.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"), "--as-dvc",
+           str(record), str(seconds)]
+    p = subprocess.Popen(cmd, env=wrapper_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rec = wait_for(record, timeout=120)
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    assert rec["pid"] in {q.pid for q in procs}  # the forked stage is the server's child, so the run's
+    assert len(procs) == 5, [q.cmdline() for q in procs]
+    return p, procs, rec
+
+
+def socket_folders(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmp").glob(warm.FOLDER_PREFIX + "*"))
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_stopping_the_wrapper_leaves_no_process_and_no_folder(tmp_path, start_run, how):
+    p, procs, _ = start_run()
+    assert len(socket_folders(tmp_path)) == 1
+    if how == "ctrl-c":
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    else:
+        p.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        assert_all_gone(procs)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    # Ctrl-C: the stage stops itself (130) and the DVC stand-in reports a failure; otherwise killed as it was
+    assert p.returncode == {"ctrl-c": 1, "sigterm": -signal.SIGTERM, "sigkill": -signal.SIGKILL}[how]
+    assert socket_folders(tmp_path) == []  # removed by the wrapper, or by the server once its wrapper died
+
+
+def test_a_server_killed_outright_takes_its_stages_with_it(tmp_path, start_run):
+    p, procs, rec = start_run()
+    (server,) = [q for q in procs if q.ppid() == p.pid and "--serve" in q.cmdline()]
+    server.kill()
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        assert_all_gone(procs)
+    assert p.returncode == 1 and "the stage server went away" in err
+    assert socket_folders(tmp_path) == []
+
+
+def test_the_next_run_removes_folders_of_runs_killed_outright(tmp_path):
+    env = wrapper_env(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now
+    tmp = tmp_path / "tmp"
+    stale = [tmp / f"{warm.FOLDER_PREFIX}{dead.pid}-abc123", tmp / f"{warm.FOLDER_PREFIX}older_run"]
+    live = tmp / f"{warm.FOLDER_PREFIX}{os.getpid()}-def456"  # its wrapper (this test) is alive: kept
+    for folder in (*stale, live):
+        folder.mkdir()
+        (folder / "s").write_text("")  # a socket file nothing listens on
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "true"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert socket_folders(tmp_path) == [live.name]
+
+
+def test_a_typo_in_the_command_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "dvcc", "repro"], env=wrapper_env(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "'dvcc'" in r.stderr and "-- dvc repro" in r.stderr, r.stderr
+    assert socket_folders(tmp_path) == []  # nothing was started

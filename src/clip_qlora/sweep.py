@@ -26,47 +26,35 @@ from pathlib import Path
 
 import yaml
 
-from .demo import env_for, prepare_dir
+from . import warm
+from .demo import commit_all, env_for, init_repo, prepare_dir
 from .io import write_json, write_text
 
 GRID = ["lora.r=2,4", "lora.dropout=0.1,0.25"]  # 2 x 2 variants; `make sweep SWEEP_GRID=...` replaces it
-IGNORE = "/data/raw/\n/.ckpt/\n/dvc_plots/\n__pycache__/\n"
 # the columns `dvc exp show` prints here: the grid's params and each method's mean accuracy
 # (--keep takes one regex, matched from the column name's start)
 SHOW = ["--drop", ".*", "--keep", r"Experiment$|State$|lora\.(r|dropout)$|[a-z_]+\.accuracy_mean$"]
 
 
+_SIGNALS = warm.SignalsToCommand()  # Ctrl-C, SIGTERM: to the dvc command running, then the queue is stopped
+
+
 def _run(cmd: list[str], cwd: Path, env: dict, capture: bool = False) -> str:
-    r = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=capture)
-    if r.returncode != 0:
-        detail = f":\n{r.stdout}{r.stderr}" if capture else ""
-        raise SystemExit(f"sweep: `{' '.join(cmd)}` failed (exit {r.returncode}){detail}")
-    return r.stdout if capture else ""
-
-
-def _commit_all(dest: Path, message: str) -> None:
-    """`git add -A && git commit` through dulwich (a DVC dependency: DVC's own Git work needs no git program,
-    and GPU images may lack one). Nothing is committed when nothing changed."""
-    from dulwich import porcelain
-
-    with porcelain.open_repo_closing(str(dest)) as repo:
-        porcelain.add(repo)  # every untracked or changed file that no .gitignore excludes
-        staged = porcelain.status(repo).staged
-        if any(staged.values()):
-            porcelain.commit(repo, message=message.encode())
+    pipe = subprocess.PIPE if capture else None
+    rc, out, err = _SIGNALS.call(cmd, cwd=cwd, env=env, text=True, stdout=pipe, stderr=pipe)
+    if _SIGNALS.received and not _SIGNALS.quiet:
+        raise warm.Interrupted(_SIGNALS.received[-1])
+    if rc != 0:
+        detail = f":\n{out}{err}" if capture else ""
+        raise SystemExit(f"sweep: `{' '.join(cmd)}` failed (exit {rc}){detail}")
+    return out
 
 
 def make_repo(project: Path, dest: Path, env: dict, overrides: Path) -> None:
     """The project at `dest` with `overrides` laid over params.yaml, as a Git + DVC repository whose baseline
     commit includes prepare and quantize (shared by every variant of a lora/train grid)."""
     if not (dest / ".git").exists():
-        from dulwich import porcelain
-
-        dest.mkdir(parents=True, exist_ok=True)
-        porcelain.init(str(dest)).close()
-        _run(["dvc", "init", "-q"], dest, env)
-        _run(["dvc", "config", "core.analytics", "false"], dest, env)
-        write_text(dest / ".gitignore", IGNORE)
+        init_repo(dest, env)
     prepare_dir(project, dest, overrides)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     root = str((dest / params["data"]["root"]).resolve())
@@ -76,7 +64,13 @@ def make_repo(project: Path, dest: Path, env: dict, overrides: Path) -> None:
                    "over it, data.root absolute (queued runs start in .dvc/tmp/exps/).\n"
                    + yaml.safe_dump(params, sort_keys=False))
     _run(["dvc", "repro", "prepare", "quantize"], dest, env)
-    _commit_all(dest, "sweep baseline: params, prepare and quantize")
+    commit_all(dest, "sweep baseline: params, prepare and quantize")
+
+
+def stop_queue(dest: Path, env: dict) -> None:
+    """Remove the variants still queued, then kill the running ones and stop the queue's workers."""
+    for cmd in (["dvc", "queue", "remove", "--queued"], ["dvc", "queue", "stop", "--kill"]):
+        _SIGNALS.call(cmd, cwd=dest, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def queue_tasks(status: str) -> dict[str, str]:
@@ -135,12 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     project = a.project.resolve()
     dest = (a.dest or a.project / "runs" / "sweep").resolve()
-    env = env_for(dest)
+    # CPU runs of several experiments at once share the cores instead of each spinning on all of them
+    env = env_for(dest, threads=max(1, (os.cpu_count() or 1) // max(1, a.jobs)))
     # keep what the caller's PYTHONPATH adds (e.g. packages installed with --target on a GPU image): the queue's
     # workers and every stage inherit this environment
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)
-    # CPU runs of several experiments at once share the cores instead of each spinning on all of them
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, a.jobs))))
+    with _SIGNALS:
+        try:
+            return _sweep(a, project, dest, env)
+        except warm.Interrupted as e:
+            _SIGNALS.quiet = True  # a second Ctrl-C does not cut the clean-up short
+            print(f"sweep: stopped by {e}; stopping the queue's variants", file=sys.stderr)
+            stop_queue(dest, env)
+            return -e.signum
+
+
+def _sweep(a: argparse.Namespace, project: Path, dest: Path, env: dict) -> int:
     make_repo(project, dest, env, (a.overrides or project / "configs" / "demo.yaml").resolve())
 
     grid = sum((["-S", g] for g in (a.grid or GRID)), [])
@@ -180,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    warm.exit_with(main())

@@ -8,9 +8,14 @@ that already holds those modules takes milliseconds.
     python -m clip_qlora.warm -- dvc repro      # what `make run` does
 
 starts the server, runs the command with CLIP_QLORA_WARM=<socket> in its environment, and stops the server
-when the command ends. `python -m stages ...` with that variable set hands its argv, working directory,
-environment, sys.path and stdin/stdout/stderr (the descriptors themselves) to the server, which forks a
-child to run the stage and reports its exit code; the caller exits with it, so DVC sees the stage's
+when the command ends. However the wrapper ends, nothing of the run outlives it: Ctrl-C, SIGTERM and SIGHUP
+sent to the wrapper go to the command's process group (DVC and the stages it started), and a wrapper killed
+outright closes the server's stdin, on which the server stops that group, its own stages and itself and
+removes its socket folder; a folder whose wrapper and server were both killed is removed by the next run.
+
+`python -m stages ...` with CLIP_QLORA_WARM set hands its argv, working directory, environment, sys.path
+and stdin/stdout/stderr (the descriptors themselves) to the server, which forks a child to run the stage
+and reports its exit code; the caller exits with it, so DVC sees the stage's
 output and status as if it had run in its own process. The child drops every module of the project the
 server may hold and imports the project from the caller's sys.path (a queued experiment's temporary copy
 stays its own code): only third-party libraries come from the server.
@@ -25,8 +30,10 @@ This module imports only the standard library: the caller side runs before anyth
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -162,6 +169,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
     code = 1
     try:
         _CAPABILITY.restore()
+        die_with_parent()  # a server killed outright takes its stages with it
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -252,9 +260,13 @@ class _NvmlCapability:
 _CAPABILITY = _NvmlCapability()
 
 
-def serve(path: str) -> None:
+def serve(path: str, owner_stdin: bool = False) -> None:
     """Bind `path`, preload the libraries, then fork a child per request until SIGTERM. Single-threaded: a
-    process with other threads cannot fork safely (a lock held by one of them stays held in the child)."""
+    process with other threads cannot fork safely (a lock held by one of them stays held in the child).
+
+    owner_stdin: stdin is a pipe from the wrapper, which writes "group <pgid>" (its command's process group)
+    and "stop". End of file without "stop" means the wrapper was killed outright: the server then stops that
+    group too, so no DVC or stage of the run is left behind."""
     started_with = dict(os.environ)  # libraries set variables of their own at import (TOKENIZERS_PARALLELISM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal: the stages
     #                                               and the wrapper handle it, the server lives on until told
@@ -275,140 +287,356 @@ def serve(path: str) -> None:
     t0 = time.perf_counter()
     refuse = None
     _CAPABILITY.patch()
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    stop, importing = [], []
+
+    def on_term(*_):
+        stop.append(True)
+        if importing:  # cut a long import short: the server is going away
+            raise _Stop
+
+    signal.signal(signal.SIGTERM, on_term)
+    if owner_stdin:
+        die_with_parent()  # a wrapper killed outright: SIGTERM now, even in the middle of an import
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, None)
+    owner = {"lines": b"", "group": None, "stopped": False, "eof": False}
+    if owner_stdin:
+        sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "owner")
     children: dict[int, socket.socket] = {}
     served = 0
-    while not stop:
-        if pending:
-            name = pending.pop(0)
-            try:
-                __import__(name)
-            except Exception as e:  # a stage needing it reports the error itself, in its own process
-                print(f"warm: could not preload {name} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-            torch = sys.modules.get("torch")
-            if refuse is None and torch is not None and torch.cuda.is_initialized():
-                refuse = f"importing {name} initialised CUDA in the server; a forked child could not use it"
-                print(f"warm: {refuse}: stages from now on run cold", file=sys.stderr, flush=True)
-            if not pending:
-                _CAPABILITY.restore()
-                print(f"warm: libraries loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        for key, _ in sel.select(timeout=0 if pending else 0.2):
-            if key.data is None:  # a new caller
+    try:
+        while not stop:
+            if pending:
+                name = pending.pop(0)
                 try:
-                    conn, _ = listener.accept()
-                    request, fds = _recv(conn, with_fds=True)
-                except OSError:
+                    importing.append(name)
+                    __import__(name)
+                except Exception as e:  # a stage needing it reports the error itself, in its own process
+                    print(f"warm: could not preload {name} ({type(e).__name__}: {e})", file=sys.stderr,
+                          flush=True)
+                finally:
+                    importing.clear()
+                torch = sys.modules.get("torch")
+                if refuse is None and torch is not None and torch.cuda.is_initialized():
+                    refuse = f"importing {name} initialised CUDA in the server; a forked child could not use it"
+                    print(f"warm: {refuse}: stages from now on run cold", file=sys.stderr, flush=True)
+                if not pending:
+                    _CAPABILITY.restore()
+                    print(f"warm: libraries loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                          flush=True)
+            for key, _ in sel.select(timeout=0 if pending else 0.2):
+                if key.data == "owner":
+                    if _read_owner(owner):
+                        stop.append(True)
+                        sel.unregister(key.fileobj)
                     continue
-                if request is None or len(fds) != 3:
-                    for fd in fds:
-                        os.close(fd)
-                    conn.close()
-                    continue
-                differs = env_difference(started_with, request["env"])
-                why = refuse or (f"environment variable {differs} differs from the server's" if differs else None)
-                if why:
-                    for fd in fds:
-                        os.close(fd)
-                    _send(conn, {"refused": why})
-                    conn.close()
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    listener.close()
-                    conn.close()
-                    _run_child(request, fds)
-                for fd in fds:
-                    os.close(fd)
-                served += 1
-                children[pid] = conn
-                _send(conn, {"pid": pid})
-                sel.register(conn, selectors.EVENT_READ, pid)
-            else:  # a caller hung up (killed): stop its stage too
-                pid = key.data
-                try:
-                    gone = not key.fileobj.recv(1)
-                except OSError:
-                    gone = True
-                if gone and pid in children:
+                if key.data is None:  # a new caller
                     try:
-                        os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
+                        conn, _ = listener.accept()
+                        request, fds = _recv(conn, with_fds=True)
+                    except OSError:
+                        continue
+                    if request is None or len(fds) != 3:
+                        for fd in fds:
+                            os.close(fd)
+                        conn.close()
+                        continue
+                    differs = env_difference(started_with, request["env"])
+                    why = refuse or (f"environment variable {differs} differs from the server's" if differs
+                                     else None)
+                    if why:
+                        for fd in fds:
+                            os.close(fd)
+                        _send(conn, {"refused": why})
+                        conn.close()
+                        continue
+                    pid = os.fork()
+                    if pid == 0:
+                        listener.close()
+                        conn.close()
+                        _run_child(request, fds)
+                    for fd in fds:
+                        os.close(fd)
+                    served += 1
+                    children[pid] = conn
+                    _send(conn, {"pid": pid})
+                    sel.register(conn, selectors.EVENT_READ, pid)
+                else:  # a caller hung up (killed): stop its stage too
+                    pid = key.data
+                    try:
+                        gone = not key.fileobj.recv(1)
+                    except OSError:
+                        gone = True
+                    if gone and pid in children:
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+                        sel.unregister(key.fileobj)
+            while children:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                conn = children.pop(pid, None)
+                if conn is not None:
+                    try:
+                        _send(conn, {"rc": os.waitstatus_to_exitcode(status)})
+                    except OSError:
                         pass
-                    sel.unregister(key.fileobj)
-        while children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            conn = children.pop(pid, None)
-            if conn is not None:
-                try:
-                    _send(conn, {"rc": os.waitstatus_to_exitcode(status)})
-                except OSError:
-                    pass
-                try:
-                    sel.unregister(conn)
-                except (KeyError, ValueError):
-                    pass
-                conn.close()
+                    try:
+                        sel.unregister(conn)
+                    except (KeyError, ValueError):
+                        pass
+                    conn.close()
+    except _Stop:  # stopped while preloading: the import was cut short
+        pass
+    if owner_stdin:
+        _drain_owner(owner)
+    if owner["eof"] and not owner["stopped"] and owner["group"]:  # the wrapper was killed: so is its command
+        _signal_group(owner["group"], signal.SIGTERM)
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     listener.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))  # the wrapper's folder, once empty; a folder with more in it stays
     print(f"warm: {served} stage process{'es' if served != 1 else ''} served from the warm server",
           file=sys.stderr, flush=True)
 
 
+class _Stop(BaseException):  # not an Exception: the preloading's `except Exception` lets it through
+    pass
+
+
+def _read_owner(owner: dict) -> bool:
+    """Read what the wrapper wrote on stdin into `owner`; True when the server should stop."""
+    data = os.read(sys.stdin.fileno(), 4096)
+    owner["eof"] = owner["eof"] or not data
+    owner["lines"] += data
+    *lines, owner["lines"] = owner["lines"].split(b"\n")
+    for line in lines:
+        word, _, arg = line.decode().partition(" ")
+        if word == "group":
+            owner["group"] = int(arg)
+        elif word == "stop":
+            owner["stopped"] = True
+    return not data or owner["stopped"]
+
+
+def _drain_owner(owner: dict) -> None:
+    """Read what is left on stdin without waiting: at its end unless the wrapper still holds it open."""
+    os.set_blocking(sys.stdin.fileno(), False)
+    with contextlib.suppress(BlockingIOError):
+        while not owner["eof"]:
+            _read_owner(owner)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: the kernel sends `sig` to this process when its parent exits, however the parent ends."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a stage then outlives a server killed outright
+        pass
+
+
+# ---- running a command so that nothing of it outlives the caller --------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while no command ran (raised in the main thread by `SignalsToCommand`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalsToCommand:
+    """While active, Ctrl-C, SIGTERM and SIGHUP sent to this process go to the process group of the command it
+    runs (`popen`), once, instead of ending this process half-way through its clean-up.
+
+    The command runs in a process group of its own, so a terminal's Ctrl-C reaches it only through here:
+    exactly once, whether the signal came from the terminal to the whole foreground group or from `kill` to
+    this process alone. SIGINT is passed on as SIGINT (DVC ignores it while a stage runs; the stage stops
+    itself, DVC records the failure and exits), SIGTERM and SIGHUP as SIGTERM. A signal that comes while no
+    command runs raises `Interrupted`, unless `quiet` (set while cleaning up)."""
+
+    def __init__(self):
+        self.pgid: int | None = None
+        self.received: list[int] = []
+        self.quiet = False
+        self._starting = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, _frame):
+        self.received.append(signum)
+        if self.pgid is not None:
+            self._pass_on(signum)
+        elif not (self.quiet or self._starting):
+            raise Interrupted(signum)
+
+    def _pass_on(self, signum: int) -> None:
+        _signal_group(self.pgid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
+        seen, self._starting = len(self.received), True  # a signal now is passed on once the command exists
+        try:
+            proc = subprocess.Popen(cmd, process_group=0, **kw)
+        finally:
+            self._starting = False
+        self.pgid = proc.pid
+        if len(self.received) > seen:
+            self._pass_on(self.received[-1])
+        return proc
+
+    def wait(self, proc: subprocess.Popen, input: str | None = None) -> tuple[int, str, str]:
+        """Wait for the command (its output if piped); its exit code. Signals meanwhile go to it."""
+        try:
+            out, err = proc.communicate(input)
+        finally:
+            self.pgid = None
+        return proc.returncode, out or "", err or ""
+
+    def call(self, cmd: list[str], **kw) -> tuple[int, str, str]:
+        return self.wait(self.popen(cmd, **kw))
+
+
+def command_error(cmd: list[str], env: dict, cwd: str | None = None) -> str | None:
+    """One line saying why `cmd` cannot be started (a typo in its program name), or None."""
+    prog = cmd[0]
+    where = os.path.join(cwd or ".", prog) if os.sep in prog else shutil.which(prog, path=env.get("PATH"))
+    if where and os.path.isfile(where) and os.access(where, os.X_OK):
+        return None
+    return (f"warm: no command {prog!r} {'at that path' if os.sep in prog else 'on PATH'}: expected a program "
+            "with its arguments after --, e.g. python -m clip_qlora.warm -- dvc repro")
+
+
+# ---- stale folders of runs killed outright -------------------------------------------------------------------
+
+FOLDER_PREFIX = "clip-qlora-warm-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead, only not yet reaped by its parent
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _listening(sock_path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(sock_path)
+            return True
+        except OSError:
+            return False
+
+
+def remove_stale_folders(tmp: str | None = None) -> list[str]:
+    """Remove this user's socket folders whose wrapper is dead and whose server no longer listens (left when
+    both were killed outright); the folders removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(tmp):
+        m = re.fullmatch(re.escape(FOLDER_PREFIX) + r"(?:(\d+)-)?\w+", entry.name)
+        try:
+            mine = entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:
+            continue
+        if not m or not mine or (m[1] and _alive(int(m[1]))) or _listening(os.path.join(entry.path, "s")):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
 # ---- the wrapper (python -m clip_qlora.warm -- CMD) ----------------------------------------------------------
 
-def run_with_server(cmd: list[str]) -> int:
-    """Start a server, run cmd with CLIP_QLORA_WARM pointing at it, stop the server; cmd's exit code."""
-    folder = tempfile.mkdtemp(prefix="clip-qlora-warm-")  # 0700: only this user's processes can connect
-    path = os.path.join(folder, "s")
-    env = dict(os.environ)
+def run_with_server(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> int:
+    """Start a server, run cmd with CLIP_QLORA_WARM pointing at it, stop the server; cmd's exit code (negative:
+    the signal that ended it). A command that cannot be started: one line on stderr, 127, nothing started."""
+    env = dict(os.environ if env is None else env)
+    why = command_error(cmd, env, cwd)
+    if why:
+        print(why, file=sys.stderr)
+        return 127
+    remove_stale_folders()
     env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without creating a CUDA context
-    env[ENV] = path
-    server = subprocess.Popen([sys.executable, "-m", "clip_qlora.warm", "--serve", path], env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not os.path.exists(path):
-            print("warm: the stage server did not start; stages run cold", file=sys.stderr)
-            env.pop(ENV)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command gets Ctrl-C and decides
+    with SignalsToCommand() as signals:
+        # 0700: only this user's processes can connect; named by this process so a later run can tell it is stale
+        folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+        path = os.path.join(folder, "s")
+        env[ENV] = path
+        # a session of its own: a terminal's Ctrl-C reaches the stages it forks only through their callers
+        server = subprocess.Popen([sys.executable, "-m", "clip_qlora.warm", "--serve", path, "--owner-stdin"],
+                                  env=env, stdin=subprocess.PIPE, start_new_session=True)
         try:
-            return subprocess.call(cmd, env=env)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not os.path.exists(path):
+                print("warm: the stage server did not start; stages run cold", file=sys.stderr)
+                env.pop(ENV)
+            proc = signals.popen(cmd, env=env, cwd=cwd)
+            with contextlib.suppress(OSError):
+                server.stdin.write(f"group {proc.pid}\n".encode())
+                server.stdin.flush()
+            return signals.wait(proc)[0]
+        except Interrupted as e:  # stopped before the command started
+            return -e.signum
         finally:
-            signal.signal(signal.SIGINT, previous)
-    finally:
-        if server.poll() is None:
-            server.terminate()
+            signals.quiet = True  # a second Ctrl-C does not cut the clean-up short
+            with contextlib.suppress(OSError):
+                server.stdin.write(b"stop\n")
+                server.stdin.close()
+            server.terminate()  # cuts a library import short: the server may still be preloading
             try:
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
-        shutil.rmtree(folder, ignore_errors=True)
+                server.wait()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve"] and len(argv) == 2:
-        serve(argv[1])
+    if argv[:1] == ["--serve"] and len(argv) in (2, 3):
+        serve(argv[1], owner_stdin=argv[2:] == ["--owner-stdin"])
         return 0
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv or argv[0].startswith("-"):
         print("usage: python -m clip_qlora.warm -- COMMAND [ARGS...]   (e.g. -- dvc repro)", file=sys.stderr)
         return 2
-    return run_with_server(argv)
+    exit_with(run_with_server(argv))
 
 
 if __name__ == "__main__":
