@@ -443,3 +443,59 @@ def test_zero_shot_with_both_prompt_sets_and_the_protocol_section(cpu_run):
     assert section.count("What ran:") == 1 and "few-shot draw clip_lora" in section
     for deviation in protocol.deviations(PROTOCOL):
         assert deviation in section
+
+
+def test_tables_printed_to_a_pipe_keep_every_cell(tmp_path, capfd, monkeypatch):
+    """Piped (a log, `| tee`), rich assumes 80 columns and cuts cells to "Lo…": the tables keep their width."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    make_inputs(tmp_path)
+    report.aggregate(METHODS, DATASETS, tmp_path / "metrics", tmp_path / "metrics" / "summary.json",
+                     tmp_path / "reports" / "results.md", tmp_path / "plots" / "figures")
+    out = capfd.readouterr().out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) > 80
+    assert "QLoRA + GC (qlora_gc)" in out
+
+
+def exp_show_columns(repo: Path, args: list[str]) -> list[str]:
+    """The header of `dvc exp show <args>` piped, as the sweep prints it (wide enough for every column)."""
+    from cli_helpers import ENV
+
+    out = subprocess.run(["dvc", "exp", "show", "--no-pager", *args], cwd=repo, capture_output=True, text=True,
+                         env={**ENV, "COLUMNS": "1000"}, check=True).stdout
+    return next(line for line in out.splitlines() if "Experiment" in line).split()
+
+
+def test_exp_show_forms_keep_the_swept_params_and_each_methods_figures(tmp_path):
+    """The README's `dvc exp show --drop/--keep` form and the sweep's closing table, on a Git + DVC project with
+    the summary's column names and, as metrics/scale/ does, a metrics file that records lora.* too (DVC then
+    names the param `params.yaml:lora.r`)."""
+    import shlex
+
+    from dulwich import porcelain
+
+    from clip_qlora.sweep import SHOW
+    from cli_helpers import ENV
+
+    repo = tmp_path / "project"
+    porcelain.init(str(repo)).close()
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, env=ENV, check=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"lora": {"r": 2, "dropout": 0.25, "alpha": 1},
+                                                      "train": {"lr": 2e-4}}))
+    (repo / "summary.json").write_text(json.dumps(
+        {m: {"accuracy_mean": 50.0, "peak_allocated_bytes": 10**9, "step_ms": 12.5, "train_seconds": 60.0,
+             "profile": {"4x8": {"step_ms": 30.0}}} for m in METHODS}))
+    (repo / "scale.json").write_text(json.dumps({"lora": {"r": 2, "dropout": 0.25}}))
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    params: [lora, train]\n"
+                                   "    metrics: [summary.json: {cache: false}, scale.json: {cache: false}]\n")
+    with porcelain.open_repo_closing(str(repo)) as r:
+        porcelain.add(r)
+        porcelain.commit(r, message=b"baseline", author=b"t <t@t>", committer=b"t <t@t>")
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("dvc exp show --drop"))
+    cols = exp_show_columns(repo, shlex.split(line)[3:])
+    figures = [f"{m}.{k}" for m in METHODS for k in ("accuracy_mean", "peak_allocated_bytes", "step_ms")]
+    assert sorted(cols) == sorted(["Experiment", *figures, "params.yaml:lora.r"])
+    cols = exp_show_columns(repo, SHOW)
+    assert sorted(cols) == sorted(["Experiment", "State", *(f"{m}.accuracy_mean" for m in METHODS),
+                                   "params.yaml:lora.r", "params.yaml:lora.dropout"])
