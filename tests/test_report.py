@@ -499,3 +499,16 @@ def test_exp_show_forms_keep_the_swept_params_and_each_methods_figures(tmp_path)
     cols = exp_show_columns(repo, SHOW)
     assert sorted(cols) == sorted(["Experiment", "State", *(f"{m}.accuracy_mean" for m in METHODS),
                                    "params.yaml:lora.r", "params.yaml:lora.dropout"])
+
+
+def test_readme_links_and_code_paths_are_inside_the_repository():
+    """The README's relative links and the files it names in backticks exist in the repository (the protocol
+    it cites once lived outside it, in ../shared/)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    links = [t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t]
+    assert "docs/protocol.md" in links
+    for target in links + re.findall(r"`((?:docs|benchmarks|src)/[\w./-]+\.(?:md|py|sh|html))`", text):
+        assert (root / target).is_file(), target

@@ -6,7 +6,7 @@ follow from params. Reads JSON-like dicts only: the report needs no torch for it
 """
 from __future__ import annotations
 
-# CLIP-LoRA's recipe (protocol.md, "Exactly what CLIP-LoRA's code does"): the values a faithful run uses.
+# CLIP-LoRA's recipe (docs/protocol.md, "Exactly what CLIP-LoRA's code does"): the values a faithful run uses.
 CLIP_LORA = {
     "split_draw": "clip_lora", "batching": "epochs", "template": "clip", "iterations_per_shot": 500,
     "batch_size": 32, "lr": 2e-4, "weight_decay": 1e-2, "schedule": "cosine", "min_lr": 1e-6, "logit_scale": 100.0,

@@ -242,13 +242,13 @@ def accuracy_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     lines = [f"## Accuracy{_demo(raw)}", "",
              f"Top-1 accuracy (%) on the full test split, mean ± std over {n_seeds_text(inp.n_seeds)}"
              f"{' (random-init weights: not a result)' if not pre else ''}. The last two columns are "
-             "**quoted, not measured here** (protocol.md reference rows).", "",
+             "**quoted, not measured here** (the reference rows of the repository's `docs/protocol.md`).", "",
              md_table(header, rows), ""]
     lines += ["¹ Mean of the quoted per-dataset values over the datasets above, computed here from the quoted "
               "numbers." if all(reference_column(d) for d in inp.datasets) else
               "The quoted columns have no mean row because not every dataset has a reference value.", ""]
     return lines + ["### Reference rows (quoted, not measured here)", "",
-                    "ViT-B/16, 4 shots, top-1 %, as listed in protocol.md (the paper row is marked there "
+                    "ViT-B/16, 4 shots, top-1 %, as listed in `docs/protocol.md` (the paper row is marked there "
                     "'verify before quoting'; it was not re-verified by this stage).", "",
                     md_table(["source (quoted, not measured here)", *REFERENCE_COLUMNS],
                              [[name, *vals] for name, vals in REFERENCE_ROWS]), ""]
