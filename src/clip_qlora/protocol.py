@@ -33,6 +33,9 @@ ALWAYS = [
     "autocast).",
     "Evaluation: both arms run the trained function with the adapters unmerged; CLIP-LoRA merges them into fp32 "
     "copies of the weights (the same function up to rounding; a 4-bit base cannot absorb a merge).",
+    "First steps: CLIP-LoRA's GradScaler starts at a loss scale of 65536, which overflows its fp16 gradients, "
+    "so its first iteration(s) update nothing while its cosine scheduler still steps (its adapters take fewer "
+    "updates, from a learning rate already past the start); here every iteration updates the adapters.",
     "Random streams: the split is CLIP-LoRA's draw for the seed (with split_draw clip_lora), but batch order, "
     "crops, flips, dropout masks and lora_A come from generators of this pipeline, seeded by the seed: the same "
     "distributions as CLIP-LoRA's, not the same draws.",
