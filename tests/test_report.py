@@ -518,3 +518,21 @@ def test_readme_links_and_code_paths_are_inside_the_repository():
     assert "docs/protocol.md" in links
     for target in links + re.findall(r"`((?:docs|benchmarks|src)/[\w./-]+\.(?:md|py|sh|html))`", text):
         assert (root / target).is_file(), target
+
+
+def test_memory_bars_of_a_small_model_read_apart(tmp_path, monkeypatch):
+    """A 2-block model's bases are a few MiB: in GiB to two decimals every bar read 0.01."""
+    from clip_qlora import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    mib = 2**20
+    small = {"lora": 10.4 * mib, "lora_gc": 10.4 * mib, "qlora": 4.23 * mib, "qlora_gc": 4.23 * mib}
+    figures.memory_figure(tmp_path / "m.png", methods=list(small), measures=["static"],
+                          values={m: {"static": int(v)} for m, v in small.items()}, device="cpu", pretrained=False)
+    ax = drawn[0].axes[0]
+    assert ax.get_ylabel() == "memory (MiB)"
+    assert [t.get_text() for t in ax.texts] == ["10.4", "10.4", "4.23", "4.23"]
+    figures.memory_figure(tmp_path / "b.png", methods=["lora"], measures=["static"],
+                          values={"lora": {"static": 3 * 2**30}}, device="cpu", pretrained=True)
+    assert drawn[1].axes[0].get_ylabel() == "memory (GiB)" and drawn[1].axes[0].texts[0].get_text() == "3"
