@@ -2,7 +2,7 @@
 
 This file is the baseline that `run.py` compares our training step against. It is written on purpose without
 our training code (no `clip_qlora.train`, `clip_qlora.base`, backend modules, `clip_qlora.adapters`; of
-`clip_qlora.backends` only the method table): only the recipe of /work/shared/measurements.md, step by step:
+`clip_qlora.backends` only the method table): only the recipe of ../shared/measurements.md, step by step:
 
 - open_clip `create_model(arch)` with random init (memory and speed do not depend on weight values);
 - attention split into q/k/v/out `nn.Linear` (`clip_qlora.model.split_attention`; PEFT and bitsandbytes both

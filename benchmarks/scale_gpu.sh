@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The scale study on the GPU machine, in a device call (see benchmarks/README.md, "The scale study").
-# Needs .whl/ from /work/shared/gpu/wheels.sh (carried: `carry: [".whl"]`). From the project root:
+# Needs .whl/ from ../shared/gpu/wheels.sh (carried: `carry: [".whl"]`). From the project root:
 #   ARCHS=ViT-B-32,ViT-B-16,ViT-L-14,ViT-H-14 bash benchmarks/scale_gpu.sh     # first call
 #   ARCHS=ViT-g-14,ViT-bigG-14 bash benchmarks/scale_gpu.sh                    # second call
 # (ARCHS unset: all of scale.archs.) Writes $OUT/scale.json after every configuration (a call cut off at

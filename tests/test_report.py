@@ -264,6 +264,9 @@ def test_what_changed_sentence_matches_numbers(cpu_run, gpu_run):
     cpu_md = (cpu_run[0] / "reports" / "results.md").read_text()
     assert "Peak allocated memory was not measured on this device" in cpu_md
     gpu_md = (gpu_run[0] / "reports" / "results.md").read_text()
+    # time ratios from a CPU run are flagged as such, a GPU run's are not
+    cpu_note = "The time ratios above come from a CPU run, where they mean little"
+    assert cpu_note in cpu_md and cpu_note not in gpu_md
     c = gpu_run[1]["qlora_gc_vs_lora"]
     assert (f"Peak allocated memory relative to LoRA: {c['peak_ratio']:.2f}x during training, "
             f"{c['profile']['b4x8']['peak_ratio']:.2f}x at batch 4x8, "
@@ -278,7 +281,8 @@ def test_random_init_banner(cpu_run, tmp_path):
     assert s["pretrained"] is False
     md = (tmp_path / "reports" / "results.md").read_text()
     first = md.splitlines()[2]
-    assert first.startswith("> **⚠ RANDOM-INITIALISED WEIGHTS")
+    assert first.startswith("> **⚠ RANDOM-INITIALISED WEIGHTS (`model.pretrained`: none, random weights)")
+    assert "pretrained: false" not in md and "pretrained weights: **none (random weights)**" in md
     assert "accuracy figures below are not a result" in md and "remain valid" in md
     assert "## Accuracy — random-init demo, NOT a result" in md
     assert "not meaningful: random-initialised weights" in md
@@ -443,3 +447,92 @@ def test_zero_shot_with_both_prompt_sets_and_the_protocol_section(cpu_run):
     assert section.count("What ran:") == 1 and "few-shot draw clip_lora" in section
     for deviation in protocol.deviations(PROTOCOL):
         assert deviation in section
+    # the reference's fp16 GradScaler skips its first iteration(s) while the scheduler steps: ours does not
+    assert "loss scale of 65536" in section and "scheduler still steps" in section
+
+
+def test_tables_printed_to_a_pipe_keep_every_cell(tmp_path, capfd, monkeypatch):
+    """Piped (a log, `| tee`), rich assumes 80 columns and cuts cells to "Lo…": the tables keep their width."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    make_inputs(tmp_path)
+    report.aggregate(METHODS, DATASETS, tmp_path / "metrics", tmp_path / "metrics" / "summary.json",
+                     tmp_path / "reports" / "results.md", tmp_path / "plots" / "figures")
+    out = capfd.readouterr().out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) > 80
+    assert "QLoRA + GC (qlora_gc)" in out
+
+
+def exp_show_columns(repo: Path, args: list[str]) -> list[str]:
+    """The header of `dvc exp show <args>` piped, as the sweep prints it (wide enough for every column)."""
+    from cli_helpers import ENV
+
+    out = subprocess.run(["dvc", "exp", "show", "--no-pager", *args], cwd=repo, capture_output=True, text=True,
+                         env={**ENV, "COLUMNS": "1000"}, check=True).stdout
+    return next(line for line in out.splitlines() if "Experiment" in line).split()
+
+
+def test_exp_show_forms_keep_the_swept_params_and_each_methods_figures(tmp_path):
+    """The README's `dvc exp show --drop/--keep` form and the sweep's closing table, on a Git + DVC project with
+    the summary's column names and, as metrics/scale/ does, a metrics file that records lora.* too (DVC then
+    names the param `params.yaml:lora.r`)."""
+    import shlex
+
+    from dulwich import porcelain
+
+    from clip_qlora.sweep import SHOW
+    from cli_helpers import ENV
+
+    repo = tmp_path / "project"
+    porcelain.init(str(repo)).close()
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, env=ENV, check=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"lora": {"r": 2, "dropout": 0.25, "alpha": 1},
+                                                      "train": {"lr": 2e-4}}))
+    (repo / "summary.json").write_text(json.dumps(
+        {m: {"accuracy_mean": 50.0, "peak_allocated_bytes": 10**9, "step_ms": 12.5, "train_seconds": 60.0,
+             "profile": {"4x8": {"step_ms": 30.0}}} for m in METHODS}))
+    (repo / "scale.json").write_text(json.dumps({"lora": {"r": 2, "dropout": 0.25}}))
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    params: [lora, train]\n"
+                                   "    metrics: [summary.json: {cache: false}, scale.json: {cache: false}]\n")
+    with porcelain.open_repo_closing(str(repo)) as r:
+        porcelain.add(r)
+        porcelain.commit(r, message=b"baseline", author=b"t <t@t>", committer=b"t <t@t>")
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("dvc exp show --drop"))
+    cols = exp_show_columns(repo, shlex.split(line)[3:])
+    figures = [f"{m}.{k}" for m in METHODS for k in ("accuracy_mean", "peak_allocated_bytes", "step_ms")]
+    assert sorted(cols) == sorted(["Experiment", *figures, "params.yaml:lora.r"])
+    cols = exp_show_columns(repo, SHOW)
+    assert sorted(cols) == sorted(["Experiment", "State", *(f"{m}.accuracy_mean" for m in METHODS),
+                                   "params.yaml:lora.r", "params.yaml:lora.dropout"])
+
+
+def test_readme_links_and_code_paths_are_inside_the_repository():
+    """The README's relative links and the files it names in backticks exist in the repository (the protocol
+    it cites once lived outside it, in ../shared/)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    links = [t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t]
+    assert "docs/protocol.md" in links
+    for target in links + re.findall(r"`((?:docs|benchmarks|src)/[\w./-]+\.(?:md|py|sh|html))`", text):
+        assert (root / target).is_file(), target
+
+
+def test_memory_bars_of_a_small_model_read_apart(tmp_path, monkeypatch):
+    """A 2-block model's bases are a few MiB: in GiB to two decimals every bar read 0.01."""
+    from clip_qlora import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    mib = 2**20
+    small = {"lora": 10.4 * mib, "lora_gc": 10.4 * mib, "qlora": 4.23 * mib, "qlora_gc": 4.23 * mib}
+    figures.memory_figure(tmp_path / "m.png", methods=list(small), measures=["static"],
+                          values={m: {"static": int(v)} for m, v in small.items()}, device="cpu", pretrained=False)
+    ax = drawn[0].axes[0]
+    assert ax.get_ylabel() == "memory (MiB)"
+    assert [t.get_text() for t in ax.texts] == ["10.4", "10.4", "4.23", "4.23"]
+    figures.memory_figure(tmp_path / "b.png", methods=["lora"], measures=["static"],
+                          values={"lora": {"static": 3 * 2**30}}, device="cpu", pretrained=True)
+    assert drawn[1].axes[0].get_ylabel() == "memory (GiB)" and drawn[1].axes[0].texts[0].get_text() == "3"

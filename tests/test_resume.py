@@ -48,6 +48,41 @@ def train_metrics(folder: Path, method: str = "lora") -> dict:
     return json.loads((folder / "metrics" / "train" / method / "shapes.json").read_text())
 
 
+# what a resumed run may report differently from an uninterrupted one: times, and where it resumed from
+TIMES = {"train_seconds", "train_seconds_mean", "step_ms_median", "resumed_from", "timestamp"}
+
+
+def without_times(x):
+    if isinstance(x, dict):
+        return {k: without_times(v) for k, v in x.items() if k not in TIMES}
+    if isinstance(x, list):
+        return [without_times(v) for v in x]
+    return x
+
+
+def reported(folder: Path, method: str = "lora") -> dict:
+    """Everything the train stage reports (its metrics file and its DVCLive folder), times left out."""
+    out = {"metrics": without_times(train_metrics(folder, method))}
+    live = folder / "dvclive" / "train" / method / "shapes"
+    for f in all_files(live):
+        text = (live / f).read_text()
+        if f.endswith(".tsv"):  # DVCLive's history: drop the wall-clock column
+            rows = [line.split("\t") for line in text.splitlines()]
+            keep = [i for i, name in enumerate(rows[0]) if name != "timestamp"]
+            out[f] = [[r[i] for i in keep] for r in rows]
+        else:
+            out[f] = without_times(json.loads(text)) if f.endswith(".json") else text
+    return out
+
+
+def assert_reports_equal(a: Path, b: Path, method: str = "lora") -> None:
+    """A resumed run (a) reports what the uninterrupted one (b) does: the same loss history from step 1."""
+    ra, rb = reported(a, method), reported(b, method)
+    assert ra == rb
+    loss = ra["seed1/plots/metrics/train/loss.tsv"]
+    assert loss[0] == ["step", "loss"] and len(loss) > 2
+
+
 def test_killed_training_resumes_bit_identical(tmp_path):
     # 50 x 4 shots = 200 steps, a checkpoint every 20: the kill lands well before the end
     params = demo_params({"data.seeds": [1], "train.iterations_per_shot": 50, "train.batch_size": 4,
@@ -100,6 +135,13 @@ def check_killed_and_resume(a: Path, b: Path, tmp_path: Path, ckpt: Path, refere
     assert mb["per_seed"]["1"]["resumed_from"] == 0
     assert ma["steps"] == mb["steps"] == 200
     assert ma["per_seed"]["1"]["final_loss"] == mb["per_seed"]["1"]["final_loss"]
+    assert_reports_equal(a, b)
+    # training time is the sum of both parts: at least what the killed part had run when it checkpointed
+    assert ma["per_seed"]["1"]["train_seconds"] > state["record"]["seconds"] > 0
+    # the plain progress lines count from the checkpoint (every 20th of 200 steps), not from 0
+    counts = [line.split(": ")[1].split(" ")[0] for line in resumed.stderr.splitlines()
+              if line.startswith("train lora shapes seed 1: ")]
+    assert counts == [f"{n}/200" for n in range(killed_at + 20, 201, 20)]
     assert_bitwise_equal(adapter_tensors(a), adapter_tensors(b))
     cfg = "adapters/lora/shapes/seed1/adapter_config.json"
     assert json.loads((a / cfg).read_text()) == json.loads((b / cfg).read_text())
@@ -128,8 +170,10 @@ SHORT = {"data.seeds": [1], "train.iterations_per_shot": 5, "train.batch_size": 
 
 @pytest.mark.parametrize("method,base", [("qlora", "nf4"), ("lora_gc", "bf16")])
 def test_interrupted_training_resumes_bit_identical_in_process(tmp_path, monkeypatch, method, base):
-    """The same on the NF4 base (and with gradient checkpointing), interrupted in-process after step 13 of 20."""
-    params = demo_params({**SHORT, "methods": [method]})
+    """The same on the NF4 base (and with gradient checkpointing), interrupted in-process at step 63 of 80:
+    past the first loss row (every 50 steps), so the resumed run must carry that row over."""
+    params = demo_params({**SHORT, "train.iterations_per_shot": 20, "runtime.checkpoint_every": 20,
+                          "methods": [method]})
     a, b = tmp_path / "a", tmp_path / "b"
     prepared(a, params, bases=(base,))
     shutil.copytree(a, b)
@@ -139,16 +183,19 @@ def test_interrupted_training_resumes_bit_identical_in_process(tmp_path, monkeyp
         reference = train_stage(config.load(), method, "shapes")
     with project(a), single_thread():
         p = config.load()
-        interrupt_at(monkeypatch, 13)
+        interrupt_at(monkeypatch, 63)
         with pytest.raises(Interrupted):
             train_stage(p, method, "shapes")
         monkeypatch.undo()
-        assert ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] == 10
+        state = torch.load(ckpt, weights_only=True)
+        assert state["step"] == 60 and [r["step"] for r in state["record"]["rows"]] == [50]
         assert all_files(Path("adapters")) == [] and not Path("metrics/train").exists()
         resumed = train_stage(p, method, "shapes")
         assert not ckpt.exists()
-    assert resumed["per_seed"]["1"]["resumed_from"] == 10
+    assert resumed["per_seed"]["1"]["resumed_from"] == 60
+    assert resumed["per_seed"]["1"]["train_seconds"] > state["record"]["seconds"] > 0  # the sum of both parts
     assert reference["per_seed"]["1"]["resumed_from"] == 0
+    assert_reports_equal(a, b, method)
     assert_bitwise_equal(adapter_tensors(a, method), adapter_tensors(b, method))
 
 
@@ -181,3 +228,16 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, monkeypatch, key,
             assert ".ckpt" in str(e) or "checkpoint" in str(e)
             return
     assert m["per_seed"]["1"]["resumed_from"] == 0, "resumed a checkpoint made with other params"
+
+
+def test_progress_lines_count_from_the_resumed_step_and_show_each_status_once(capsys):
+    from clip_qlora.progress import Bar
+
+    bar = Bar(300, "train", done=100)
+    for step in bar(range(100, 300)):
+        if step + 1 == 150:
+            bar.note("loss 1.000")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ")[1] for line in lines] == [f"{n}/300" for n in range(120, 301, 30)]
+    # the status noted at step 150 shows on the line for 150, not again on the later ones
+    assert [line.endswith("loss 1.000") for line in lines] == [n == 150 for n in range(120, 301, 30)]

@@ -293,6 +293,10 @@ def test_report_outputs(tmp_path):
                                tmp_path / "figs")
     assert (tmp_path / "scale.md").read_text() == text + "\n"
     assert "| b | 24 GiB | 16 GiB | 16 GiB | 8 GiB |" in text and "Random weights" in text
+    assert "| frozen bf16 base GiB | frozen NF4 base GiB | NF4/bf16 |" in text and "from a CPU" not in text
+    # the figures are linked, relative to the report
+    assert "![Memory per method against model size](figs/memory.png)" in text
+    assert "![Step time per method against model size](figs/step_time.png)" in text
     memory = json.loads((tmp_path / "plots/memory/4x8.json").read_text())
     assert [r["arch"] for r in memory] == ["a", "b"] and memory[1]["qlora"] == 15.0
     assert memory[0]["frozen_bf16"] == 1.0 and memory[0]["frozen_nf4"] == 0.25
@@ -330,6 +334,24 @@ def test_report_on_cpu_records(tiny_record, tmp_path):
     recs = scale_report.load(tmp_path / "m", ["clip-tiny"], list(rec["methods"]), rec["batches"])
     text = scale_report.render(recs, list(rec["methods"]), rec["batches"], [8.0])
     assert "Not measured on a GPU" in text and "The smallest GPU" not in text
+    # the unquantized base ran in fp32 on the CPU: not called bf16; and its time ratios are flagged
+    assert rec["compute_dtype"] == "float32"
+    assert "| frozen fp32 (unquantized) base GiB | frozen NF4 base GiB | NF4/fp32 |" in text and "bf16" not in text
+    assert "Step times here come from a CPU, where their ratios mean little" in text
+
+
+def test_scale_memory_figure_off_a_gpu_says_neither_gpu_nor_bf16(tiny_record, tmp_path, monkeypatch):
+    from clip_qlora import scale_figures
+
+    _, rec = tiny_record
+    (tmp_path / "clip-tiny.json").write_text(json.dumps(rec))
+    recs = scale_report.load(tmp_path, ["clip-tiny"], list(rec["methods"]), rec["batches"])
+    drawn = []
+    monkeypatch.setattr(scale_figures, "_save", lambda fig, path: drawn.append(fig))
+    scale_figures.memory_figure(tmp_path / "m.png", recs, list(rec["methods"]), rec["batches"], [8.0])
+    ax = drawn[0].axes[0]
+    assert ax.get_ylabel() == "memory (GiB, log scale)"
+    assert {line.get_label() for line in ax.get_lines()} == {"frozen fp32 (unquantized) base", "frozen NF4 base"}
 
 
 # ---- the GPU script, on CPU -----------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ _FALLBACK = ["#31a354", "#a1d99b", "#756bb1", "#bcbddc", "#636363"]
 _HATCHES = ["", "//", "..", "xx", "\\\\", "++", "oo"]
 
 
+def _value_label(v: float) -> str:
+    """A bar's label: three significant digits (small values stay apart), whole numbers from 100 on."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _colour(method: str, i: int) -> str:
     spec = METHODS.get(method)
     if spec is not None and spec.base in BASE_COLOURS:
@@ -92,7 +97,8 @@ def accuracy_figure(path: Path, *, methods: list[str], datasets: list[str],
 
 def memory_figure(path: Path, *, methods: list[str], measures: list[str],
                   values: dict[str, dict[str, int | None]], device: str, pretrained: bool) -> None:
-    """Grouped bars in GiB: one group per method, one bar per measure (static, peaks...).
+    """Grouped bars in GiB (MiB for a model whose bars are all below 1 GiB): one group per method, one bar
+    per measure (static, peaks...).
 
     `values[method][measure]` in bytes; None (not measured, e.g. allocator statistics on CPU) is left
     out and noted in the figure.
@@ -105,6 +111,9 @@ def memory_figure(path: Path, *, methods: list[str], measures: list[str],
     width = 0.8 / max(n, 1)
     partial = False
     top = 0.0
+    # GiB, or MiB when every bar is below 1 GiB (a small model's bars would all read 0.01 GiB)
+    biggest = max((v for m in methods for meas in shown if (v := values[m].get(meas)) is not None), default=0)
+    unit, scale = ("GiB", GIB) if biggest >= GIB else ("MiB", 2**20)
     for j, meas in enumerate(shown):
         xs, ys, cs = [], [], []
         for g, m in enumerate(methods):
@@ -113,19 +122,19 @@ def memory_figure(path: Path, *, methods: list[str], measures: list[str],
                 partial = True
                 continue
             xs.append(g + (j - (n - 1) / 2) * width)
-            ys.append(v / GIB)
+            ys.append(v / scale)
             cs.append(_colour(m, g))
         ax.bar(xs, ys, width=width * 0.95, color=cs, hatch=_HATCHES[j % len(_HATCHES)],
                edgecolor="black", linewidth=0.4, label=meas)
         for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.2f}", (x, y), ha="center", va="bottom", fontsize=7,
+            ax.annotate(_value_label(y), (x, y), ha="center", va="bottom", fontsize=7,
                         xytext=(0, 2), textcoords="offset points")
         top = max([top, *ys])
     ax.set_xlim(-0.5, len(methods) - 0.5)
     ax.set_ylim(0, top * 1.12 if top > 0 else 1.0)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_xlabel("method")
-    ax.set_ylabel("memory (GiB)")
+    ax.set_ylabel(f"memory ({unit})")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.set_title(_title(f"Static vs peak memory per method ({device})", pretrained))
@@ -161,7 +170,7 @@ def step_time_figure(path: Path, *, methods: list[str], batches: list[str],
             ys.append(v)
         ax.bar(xs, ys, width=width * 0.95, color=_colour(m, i), edgecolor="black", linewidth=0.4, label=m)
         for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.0f}", (x, y), ha="center", va="bottom", fontsize=7,
+            ax.annotate(_value_label(y), (x, y), ha="center", va="bottom", fontsize=7,
                         xytext=(0, 2), textcoords="offset points")
     ax.set_xlim(-0.5, len(batches) - 0.5)
     ax.set_xticks(range(len(batches)), batches)

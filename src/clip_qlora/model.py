@@ -187,8 +187,9 @@ def create_clip(arch: str, pretrained: str, quick_gelu="auto", device: str = "cp
     if pretrained in ("none", "", None):
         if device != "meta":
             log.warning("model.pretrained is 'none': random weights. Memory and time are real, accuracy is not.")
-            return open_clip.create_model(arch, pretrained=None, device=device, **act), False
-        with _quiet_random_init():  # a skeleton for saved weights: "initialized randomly" would mislead
+        # open_clip's own "initialized randomly" line: a second one beside ours, or, for a skeleton that saved
+        # weights fill, a wrong one
+        with _quiet_random_init():
             return open_clip.create_model(arch, pretrained=None, device=device, **act), False
     if _is_local(pretrained):
         model = open_clip.create_model(arch, pretrained=None, **act)

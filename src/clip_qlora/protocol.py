@@ -6,7 +6,7 @@ follow from params. Reads JSON-like dicts only: the report needs no torch for it
 """
 from __future__ import annotations
 
-# CLIP-LoRA's recipe (protocol.md, "Exactly what CLIP-LoRA's code does"): the values a faithful run uses.
+# CLIP-LoRA's recipe (docs/protocol.md, "Exactly what CLIP-LoRA's code does"): the values a faithful run uses.
 CLIP_LORA = {
     "split_draw": "clip_lora", "batching": "epochs", "template": "clip", "iterations_per_shot": 500,
     "batch_size": 32, "lr": 2e-4, "weight_decay": 1e-2, "schedule": "cosine", "min_lr": 1e-6, "logit_scale": 100.0,
@@ -33,6 +33,9 @@ ALWAYS = [
     "autocast).",
     "Evaluation: both arms run the trained function with the adapters unmerged; CLIP-LoRA merges them into fp32 "
     "copies of the weights (the same function up to rounding; a 4-bit base cannot absorb a merge).",
+    "First steps: CLIP-LoRA's GradScaler starts at a loss scale of 65536, which overflows its fp16 gradients, "
+    "so its first iteration(s) update nothing while its cosine scheduler still steps (its adapters take fewer "
+    "updates, from a learning rate already past the start); here every iteration updates the adapters.",
     "Random streams: the split is CLIP-LoRA's draw for the seed (with split_draw clip_lora), but batch order, "
     "crops, flips, dropout masks and lora_A come from generators of this pipeline, seeded by the seed: the same "
     "distributions as CLIP-LoRA's, not the same draws.",

@@ -1,4 +1,4 @@
-"""Quoted reference figures (protocol.md): never computed here, always labelled "quoted, not measured here".
+"""Quoted reference figures (docs/protocol.md): never computed here, always labelled "quoted, not measured here".
 
 The only hand-written numbers of the report. Method names in the original study's tables are its own
 (lora, qlora, qlora_gc); batch keys are `b<micro>x<accum>`.

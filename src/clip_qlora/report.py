@@ -19,7 +19,7 @@ from rich.console import Console
 from . import plot_data, report_inputs
 from .io import atomic_dir, write_json, write_text
 from .report_md import render_report
-from .report_tables import rich_tables
+from .report_tables import rich_tables, table_console
 from .summary import build_summary, clean
 
 
@@ -65,7 +65,7 @@ def aggregate(methods: list[str], datasets: list[str], metrics_dir: Path, out_su
     write_text(report_path, render_report(inp, raw, report_path, pngs))
     write_json(out_summary, summary)
 
-    console = console or Console()
+    console = console or table_console()
     for table in rich_tables(inp, raw):
         console.print(table)
     return summary

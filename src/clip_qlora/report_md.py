@@ -19,7 +19,7 @@ from .report_inputs import GIB, TRAIN_ROW, Inputs, batch_label
 from .summary import BASELINE, COMPARED, n_seeds_text, zero_shot_columns
 
 RANDOM_INIT_BANNER = (
-    "> **⚠ RANDOM-INITIALISED WEIGHTS (`pretrained: false`): the accuracy figures below are not a result.**\n"
+    "> **⚠ RANDOM-INITIALISED WEIGHTS (`model.pretrained`: none, random weights): the accuracy figures below are not a result.**\n"
     "> The CLIP weights were not loaded, so accuracy is near chance and says nothing about LoRA vs QLoRA.\n"
     "> Memory and time measurements do not depend on the weight values and remain valid.\n"
 )
@@ -233,7 +233,7 @@ def header_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
                    | {str(s.get("arch")) for s in inp.static.values() if s.get("arch")})
     return lines + [f"Measured on **{raw['device']}**; architecture {', '.join(archs) or 'n/a'}; "
                     f"datasets {', '.join(inp.datasets)}; {n_seeds_text(inp.n_seeds)} per dataset; "
-                    f"pretrained weights: **{'yes' if pre else 'no (random init)'}**.", ""]
+                    f"pretrained weights: **{'yes' if pre else 'none (random weights)'}**.", ""]
 
 
 def accuracy_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
@@ -242,13 +242,13 @@ def accuracy_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     lines = [f"## Accuracy{_demo(raw)}", "",
              f"Top-1 accuracy (%) on the full test split, mean ± std over {n_seeds_text(inp.n_seeds)}"
              f"{' (random-init weights: not a result)' if not pre else ''}. The last two columns are "
-             "**quoted, not measured here** (protocol.md reference rows).", "",
+             "**quoted, not measured here** (the reference rows of the repository's `docs/protocol.md`).", "",
              md_table(header, rows), ""]
     lines += ["¹ Mean of the quoted per-dataset values over the datasets above, computed here from the quoted "
               "numbers." if all(reference_column(d) for d in inp.datasets) else
               "The quoted columns have no mean row because not every dataset has a reference value.", ""]
     return lines + ["### Reference rows (quoted, not measured here)", "",
-                    "ViT-B/16, 4 shots, top-1 %, as listed in protocol.md (the paper row is marked there "
+                    "ViT-B/16, 4 shots, top-1 %, as listed in `docs/protocol.md` (the paper row is marked there "
                     "'verify before quoting'; it was not re-verified by this stage).", "",
                     md_table(["source (quoted, not measured here)", *REFERENCE_COLUMNS],
                              [[name, *vals] for name, vals in REFERENCE_ROWS]), ""]
@@ -280,6 +280,11 @@ def what_changed_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
         lines += [f"- {s}" for s in sentences]
     else:
         lines += [f"- No comparison: the baseline `{BASELINE}` is not among the methods."]
+    if any(d.startswith("cpu") for d in inp.devices):
+        lines += ["- The time ratios above come from a CPU run, where they mean little: a CPU step's time moves "
+                  "with whatever else holds the cores (one busy core can change it several-fold between stages), "
+                  "and 4-bit dequantization and recomputation cost a CPU otherwise than the GPUs the comparison "
+                  "is about. Compare step times on a GPU."]
     best = raw["best_method"]
     return lines + [f"- Best mean accuracy: {label(best)} (`{best}`), {raw[best]['accuracy_mean']:.2f} %"
                     f"{' (random-init: not meaningful)' if not raw['pretrained'] else ''}.", ""]

@@ -1,11 +1,26 @@
 """The rich tables `aggregate` prints: the report's accuracy and resources tables, for the terminal."""
 from __future__ import annotations
 
+import os
+
+from rich.console import Console
 from rich.table import Table
 
 from .report_inputs import Inputs
 from .report_md import accuracy_rows, resource_rows
 from .summary import n_seeds_text
+
+
+PIPED_WIDTH = 1000  # wider than any table here: rich then draws each at its own width
+
+
+def table_console() -> Console:
+    """stdout for the tables: a terminal's width, and when piped (a log file, `| tee`) as wide as a table
+    needs, where rich would otherwise assume 80 columns and cut cells to "Lo…" (COLUMNS, if set, still rules)."""
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(width=PIPED_WIDTH)
+    return out
 
 
 def rich_tables(inp: Inputs, raw: dict) -> list[Table]:

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from .figures import _colour, _save
+from .scale_report import base_label
 
 GIB = 2**30
 
@@ -81,8 +82,8 @@ def memory_figure(path: Path, records: list[dict], methods: list[str], batches: 
                 xf, yf = _frozen(records, methods, base)
                 if xf:
                     frozen_done.add(base)
-                    ax.plot(xf, [y / GIB for y in yf], ":.", color=colour, label=f"frozen {base} base",
-                            linewidth=1.5)
+                    ax.plot(xf, [y / GIB for y in yf], ":.", color=colour, linewidth=1.5,
+                            label=f"frozen {base_label(base, records[0]['compute_dtype'])} base")
             oom = [(r["params"], r["configs"][m, b].get("gpu_gib")) for r in records
                    if r["configs"][m, b].get("fits") is False and r["configs"][m, b].get("gpu_gib")]
             if oom:
@@ -95,7 +96,7 @@ def memory_figure(path: Path, records: list[dict], methods: list[str], batches: 
             ax.annotate(f"{s:g} GiB", (1.0, s), xycoords=("axes fraction", "data"), fontsize=7,
                         color="grey", ha="left", va="center", xytext=(2, 0), textcoords="offset points")
         _arch_axis(ax, records)
-        ax.set_ylabel("GPU memory (GiB, log scale)")
+        ax.set_ylabel(f"{'GPU memory' if any_driver else 'memory'} (GiB, log scale)")
         ax.set_title(f"{b} (micro-batch x accumulation)")
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.08, 1.0), frameon=False, fontsize=8)
     note = "" if any_driver else "\n(no GPU: frozen bytes only, no allocator or driver figures)"

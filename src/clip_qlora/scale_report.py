@@ -16,6 +16,7 @@ nvidia-smi, neither a hard floor nor a ceiling.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from .io import UserError, atomic_dir, read_json, write_text
@@ -158,6 +159,17 @@ def fit_sentences(records: list[dict], methods: list[str], batches: list[str], s
     return out
 
 
+DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def base_label(base: str, compute_dtype: str) -> str:
+    """The unquantized base as it ran: bf16 on a GPU, fp32 on a CPU (the base is named after the GPU case)."""
+    if base != "bf16":
+        return base.upper()
+    dtype = DTYPE_SHORT.get(compute_dtype, compute_dtype)
+    return dtype if dtype == "bf16" else f"{dtype} (unquantized)"
+
+
 def _gib(b) -> str:
     if b is None:
         return "n/a"
@@ -233,7 +245,9 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
-def render(records: list[dict], methods: list[str], batches: list[str], sizes: list[float]) -> str:
+def render(records: list[dict], methods: list[str], batches: list[str], sizes: list[float],
+           figures: dict[str, str] | None = None) -> str:
+    """The report; `figures`: caption -> link (relative to the report) of each figure to show."""
     first = records[0]
     devices = sorted({r["device"] for r in records})
     cuda = any(c.get("driver_bytes") is not None or c.get("peak_allocated_bytes") is not None
@@ -268,7 +282,9 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
                 fb[base] = c["device_base_bytes"]
         rows.append([r["arch"], f"{r['params'] / 1e6:,.0f} M", _gib(fb.get("bf16")), _gib(fb.get("nf4")),
                      "n/a" if "bf16" not in fb or "nf4" not in fb else f"{fb['nf4'] / fb['bf16']:.3f}"])
-    lines += _table(["architecture", "parameters", "frozen bf16 base GiB", "frozen NF4 base GiB", "NF4/bf16"], rows)
+    plain = base_label("bf16", first["compute_dtype"])
+    lines += _table(["architecture", "parameters", f"frozen {plain} base GiB", "frozen NF4 base GiB",
+                     f"NF4/{plain.split()[0]}"], rows)
     lines += ["Frozen = exact bytes of the frozen weights on the device (parameters, buffers and bitsandbytes "
               "quantization state; the token-embedding table stays on the host during training).", ""]
     if cuda:
@@ -317,7 +333,8 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
             builds[base] = max(builds.get(base, 0.0), c["base_build_seconds"])
     if builds:
         lines += [f"Building the {big['arch']} base on the device (construction, initialisation, quantization) "
-                  f"took at most " + ", ".join(f"{sec:.1f} s ({base})" for base, sec in builds.items()) + ".", ""]
+                  f"took at most " + ", ".join(f"{sec:.1f} s ({base_label(base, big['compute_dtype'])})"
+                                               for base, sec in builds.items()) + ".", ""]
     lines += ["## Caveats", "",
               "- Fits are read against the whole card: a real N GiB card has a little less free (display, "
               "driver reservations). A card short of memory makes the allocator release cached blocks before "
@@ -326,6 +343,12 @@ def render(records: list[dict], methods: list[str], batches: list[str], sizes: l
               "- Allocator peaks come from eager steps (a replayed CUDA graph bypasses the allocator's "
               "statistics); the eager and the graph step do the same arithmetic.",
               "- Absolute step times move between machines of the same kind; compare ratios from one run.", ""]
+    if not cuda:
+        lines.insert(-1, "- Step times here come from a CPU, where their ratios mean little: they move with whatever "
+                         "else holds the cores, and 4-bit dequantization and recomputation cost a CPU otherwise "
+                         "than the GPUs the comparison is about.")
+    if figures:
+        lines += ["## Figures", "", *(f"![{caption}]({link})\n" for caption, link in figures.items())]
     return "\n".join(lines)
 
 
@@ -367,7 +390,11 @@ def write(records: list[dict], methods: list[str], batches: list[str], sizes: li
 
     from . import scale_figures
 
-    text = render(records, methods, batches, sizes)
+    pngs = {"memory": "Memory per method against model size", "step_time": "Step time per method against model size"}
+    links = {caption: Path(os.path.relpath(Path(figures_dir, f"{name}.png").resolve(),
+                                           Path(report_path).parent.resolve())).as_posix()
+             for name, caption in pngs.items()}
+    text = render(records, methods, batches, sizes, links)
     with atomic_dir(plots_dir) as tmp:
         for b in batches:
             memory, steps = plot_records(records, methods, b)

@@ -32,8 +32,9 @@ from .io import write_json, write_text
 
 GRID = ["lora.r=2,4", "lora.dropout=0.1,0.25"]  # 2 x 2 variants; `make sweep SWEEP_GRID=...` replaces it
 # the columns `dvc exp show` prints here: the grid's params and each method's mean accuracy
-# (--keep takes one regex, matched from the column name's start)
-SHOW = ["--drop", ".*", "--keep", r"Experiment$|State$|lora\.(r|dropout)$|[a-z_]+\.accuracy_mean$"]
+# (--keep takes one regex, matched from the column name's start; a param named in a metrics file too, as lora.r
+# is in metrics/scale/, is shown as params.yaml:lora.r)
+SHOW = ["--drop", ".*", "--keep", r"Experiment$|State$|(params\.yaml:)?lora\.(r|dropout)$|[a-z_]+\.accuracy_mean$"]
 
 
 _SIGNALS = warm.SignalsToCommand()  # Ctrl-C, SIGTERM: to the dvc command running, then the queue is stopped
@@ -169,7 +170,7 @@ def _sweep(a: argparse.Namespace, project: Path, dest: Path, env: dict) -> int:
     if a.summary:  # which GPU each stage process claimed, from the runs' logs
         claims = {n: claims_in_log(_run(["dvc", "queue", "logs", n], dest, env, capture=True)) for n in names}
         summarise(states, done_s, claims)
-    print(_run(["dvc", "exp", "show", "--no-pager", *SHOW], dest, env, capture=True))
+    print(_run(["dvc", "exp", "show", "--no-pager", *SHOW], dest, {**env, "COLUMNS": "1000"}, capture=True))
     done = [n for n in names if states[n] == "Success"]
     if done:
         _run(["dvc", "plots", "diff", *done, "--out", "dvc_plots"], dest, env, capture=True)

@@ -384,16 +384,18 @@ def run_fingerprint(params, method: str, seed: int, meta: dict, images) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run: Run, path: Path, step: int, fingerprint: str = "") -> None:
+def save_checkpoint(run: Run, path: Path, step: int, fingerprint: str = "", record: dict | None = None) -> None:
+    """`record`: what the run has reported so far (`Record.state()`), so a resumed run reports the whole run."""
     state = {"step": step, "fingerprint": fingerprint,
              "adapters": {k: v.detach().cpu() for k, v in run.model.named_parameters() if v.requires_grad},
-             "optimizer": run.optimizer.state_dict()}
+             "optimizer": run.optimizer.state_dict(), "record": record or {}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(run: Run, path: Path, fingerprint: str | None = None) -> int:
-    """Restore a checkpoint and return its step; 0 (and the file removed) if it belongs to another run."""
+def load_checkpoint(run: Run, path: Path, fingerprint: str | None = None, record: Record | None = None) -> int:
+    """Restore a checkpoint (and into `record` what the run reported so far) and return its step; 0 (and the
+    file removed) if it belongs to another run."""
     try:
         state = torch.load(path, map_location=run.device, weights_only=True)  # tensors only, no pickled code
     except Exception as e:
@@ -408,7 +410,35 @@ def load_checkpoint(run: Run, path: Path, fingerprint: str | None = None) -> int
             params[k].copy_(v)
     run.optimizer.load_state_dict(state["optimizer"])
     run.step = int(state["step"])  # the lr follows from the step
+    if record is not None:
+        record.restore(state.get("record", {}))
     return run.step
+
+
+class Record:
+    """What a run reports beside its adapters, carried through checkpoints so a resumed run reports the whole
+    run: the rows logged to DVCLive (replayed into the new log on resume), the per-window step times and the
+    training seconds of the parts already run."""
+
+    def __init__(self, live=None):
+        self.live, self.rows, self.window_ms, self.seconds_before = live, [], [], 0.0
+
+    def restore(self, saved: dict) -> None:
+        self.window_ms = list(saved.get("window_ms", []))
+        self.seconds_before = float(saved.get("seconds", 0.0))
+        for row in saved.get("rows", []):
+            self.log(row["step"], {k: v for k, v in row.items() if k != "step"})
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.rows.append({"step": step, **metrics})
+        if self.live is not None:  # DVCLive appends a row per metric at live.step
+            self.live.step = step
+            for k, v in metrics.items():
+                self.live.log_metric(k, v)
+
+    def state(self, seconds: float) -> dict:
+        """What a checkpoint saves after `seconds` of this part's training."""
+        return {"rows": self.rows, "window_ms": self.window_ms, "seconds": self.seconds_before + seconds}
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
@@ -420,17 +450,22 @@ def _sync(device: str) -> None:
 
 def train_seed(params, method: str, base_dir, prompts, images, seed: int, device: str,
                adapter_out: Path, ckpt_path: Path, live=None, description: str = "train", saved=None) -> dict:
-    """Train one seed's adapters and save them (PEFT format). Resumes from `ckpt_path` if present."""
+    """Train one seed's adapters and save them (PEFT format). Resumes from `ckpt_path` if present.
+
+    A resumed run reports what an uninterrupted one does (its DVCLive log from step 0, the median step time of
+    every window); `train_seconds` is the sum of its parts.
+    """
     t = params.train
     steps = t.iterations_per_shot * params.data.shots
     run = build_run(base_dir, params, method, prompts, device, steps, seed=seed, saved=saved)
     fingerprint = run_fingerprint(params, method, seed, run.meta, images)
-    start = load_checkpoint(run, ckpt_path, fingerprint) if ckpt_path.exists() else 0
+    record = Record(live)
+    start = load_checkpoint(run, ckpt_path, fingerprint, record) if ckpt_path.exists() else 0
     images = images.to(device)
     peak = CudaPeak(device)
     acts = SavedActivations(run.model)
-    window, window_ms, loss = 50, [], None
-    bar = Bar(steps, description)
+    window, loss = 50, None
+    bar = Bar(steps, description, done=start)
     peak.reset()
     _sync(device)
     t0 = tw = time.perf_counter()
@@ -455,25 +490,25 @@ def train_seed(params, method: str, base_dir, prompts, images, seed: int, device
                                 f"lower train.lr or use compute_dtype fp32 to find the cause")
         if (step + 1) % window == 0 or step + 1 == steps:
             now = time.perf_counter()
-            n = (step + 1 - start) % window or window
-            window_ms.append((now - tw) * 1000 / n)
+            # a window that a resume cut holds fewer steps: the steps run since the window began or the start
+            n = step + 1 - max(start, step + 1 - ((step + 1) % window or window))
+            record.window_ms.append((now - tw) * 1000 / n)
             tw = now
-            bar.note(f"loss {value:.3f}")
-            if live is not None:  # DVCLive appends a row per metric at live.step
-                live.step = step + 1
-                live.log_metric("train/loss", value)
-                live.log_metric("train/lr", run.lr_at(step))
-                mem = peak.read()
-                if mem["peak_allocated_bytes"] is not None:
-                    live.log_metric("train/peak_allocated_gib", mem["peak_allocated_bytes"] / 2**30)
+            bar.note(f"loss {value:.3f} at step {step + 1}")
+            row = {"train/loss": value, "train/lr": run.lr_at(step)}
+            mem = peak.read()
+            if mem["peak_allocated_bytes"] is not None:
+                row["train/peak_allocated_gib"] = mem["peak_allocated_bytes"] / 2**30
+            record.log(step + 1, row)
         if ckpt_due:
-            save_checkpoint(run, ckpt_path, step + 1, fingerprint)
+            save_checkpoint(run, ckpt_path, step + 1, fingerprint, record.state(time.perf_counter() - t0))
     _sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = record.seconds_before + time.perf_counter() - t0
     with atomic_dir(adapter_out) as tmp:
         ad.save_adapters(run.model, tmp)
     if ckpt_path.exists():
         ckpt_path.unlink()
+    window_ms = record.window_ms
     return {"train_seconds": seconds, "steps": steps, "resumed_from": start,
             "final_loss": float(loss) if loss is not None else None,
             "saved_activation_bytes": acts.bytes, "step_mode": mode, "step_ms_median": statistics.median(window_ms) if window_ms else None,

@@ -43,7 +43,8 @@ def evaluate(p, method: str, dataset: str) -> dict:
                **common(device, read_json(base_of(method) / "base.json"))}
     write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
     # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
-    print(f"evaluate {method} {dataset}: {r['n_test']} test images, {r['passes']} passes, {r['eval_seconds']:.2f} s "
+    print(f"evaluate {method} {dataset}: {r['n_test']} test images, "
+          f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, {r['eval_seconds']:.2f} s "
           f"({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
     write_json(Path("plots/confusion") / method / f"{dataset}.json", r["confusion"])
     return metrics

@@ -43,7 +43,8 @@ def zeroshot(p, base: str) -> dict:
         per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
                                 "n_test": r["n_test"]}
         # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
-        print(f"zeroshot {base} {dataset}: {r['n_test']} test images, {r['passes']} passes, "
+        print(f"zeroshot {base} {dataset}: {r['n_test']} test images, "
+              f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, "
               f"{r['eval_seconds']:.2f} s ({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
     metrics = {"base": base, "datasets": per_dataset, "eval_decode": p.eval.decode, **common(device, meta)}
     write_json(metrics_path(base), metrics)  # one file, written once every dataset is scored
