@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from clip_qlora.demo import configure_dvc
+
 from cli_helpers import ENV, REPO
 
 
@@ -40,12 +42,11 @@ def test_dvc_plots_page_renders_offline_in_a_browser(tmp_path):
     assert chromium, "chromium not found: `apt-get install chromium` (.ci/run installs it)"
     repo = tmp_path / "project"
     (repo / ".dvc").mkdir(parents=True)
-    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copytree(REPO / "src" / "clip_qlora" / "vega", repo / "src" / "clip_qlora" / "vega")
     (repo / "loss.json").write_text(json.dumps([{"step": i, "loss": 1 / (i + 1)} for i in range(20)]))
     (repo / "dvc.yaml").write_text("plots:\n- loss.json:\n    x: step\n    y: loss\n")
     subprocess.run(["dvc", "init", "--no-scm", "-q", "--force"], cwd=repo, env=ENV, check=True)
-    shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")  # init rewrote it
+    configure_dvc(REPO, repo, ENV)  # as make demo and make sweep configure theirs
     subprocess.run(["dvc", "plots", "show", "-q"], cwd=repo, env=ENV, check=True)
     page = repo / "dvc_plots" / "index.html"
     assert "<script src" not in page.read_text(encoding="utf8")  # DVC's CDN tags left out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,3 +258,19 @@ def test_a_typo_in_the_command_is_one_line(tmp_path):
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "'dvcc'" in r.stderr and "-- dvc repro" in r.stderr, r.stderr
     assert socket_folders(tmp_path) == []  # nothing was started
+
+
+def test_bad_params_stop_dvc_repro_before_it_starts(tmp_path):
+    """`-- dvc repro` with a bad params.yaml: one line naming the key, exit 2, no server and no DVC started
+    (DVC would delete the first stage's outputs before the stage could reject the value)."""
+    from clip_qlora.config import STUDY_PARAMS
+
+    text = STUDY_PARAMS.read_text().replace("  r: 2 ", "  r: -1 ", 1)
+    assert "r: -1" in text
+    (tmp_path / "params.yaml").write_text(text)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "dvc", "repro"], cwd=tmp_path,
+                       env=wrapper_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "lora.r" in r.stderr, r.stderr
+    assert socket_folders(tmp_path) == []

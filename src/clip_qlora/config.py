@@ -374,7 +374,7 @@ def check_params(path: str | Path = "params.yaml") -> Params:
     when missing: every prepare stage depends on it, and DVC refuses a dependency that does not exist, even
     where prepare itself would generate or download the data into it. `python -m stages check` runs this."""
     p = load(path)
-    Path(p.data.root).mkdir(parents=True, exist_ok=True)
+    (Path(path).parent / p.data.root).mkdir(parents=True, exist_ok=True)  # DVC reads it beside params.yaml
     return p
 
 

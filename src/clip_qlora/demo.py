@@ -68,17 +68,31 @@ def prepare_dir(project: Path, dest: Path, overrides: Path, keep_params: bool = 
         write_text(target, new)  # rewritten only on change, so DVC sees no spurious edit
     if not (dest / ".dvc").exists():
         subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
+        configure_dvc(project, dest, dict(os.environ))
 
 
-def init_repo(dest: Path, env: dict) -> None:
+def configure_dvc(project: Path, dest: Path, env: dict) -> None:
+    """The project's own .dvc/config settings, in a repository that `dvc init` made: no analytics, and plots
+    pages that carry their vega scripts, so they render offline (its paths are relative to .dvc/, and `dest`
+    has the project's src/ beside its .dvc/ as the project has)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(project / ".dvc" / "config")
+    for section in cfg.sections():
+        for key, value in cfg[section].items():
+            subprocess.run(["dvc", "config", f"{section}.{key}", value], cwd=dest, env=env, check=True,
+                           capture_output=True)
+
+
+def init_repo(project: Path, dest: Path, env: dict) -> None:
     """`dest` as a Git repository (dulwich: DVC's own Git library, so no git program is needed) with DVC in it."""
     from dulwich import porcelain
 
     dest.mkdir(parents=True, exist_ok=True)
     porcelain.init(str(dest)).close()
-    for cmd in (["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=dest, env=env, check=True, capture_output=True)
+    configure_dvc(project, dest, env)
     write_text(dest / ".gitignore", IGNORE)
 
 
@@ -112,7 +126,7 @@ def make_demo(project: Path, dest: Path, env: dict) -> None:
         raise UserError(f"{dest} was made by an older `make demo` (not a Git repository): start afresh with "
                         "`make clean-demo` (copy your params.yaml edits first)")
     if not (dest / ".git").exists():
-        init_repo(dest, env)
+        init_repo(project, dest, env)
     prepare_dir(project, dest, project / "configs" / "demo.yaml", keep_params=True)
     if not committed(dest, "dvc.yaml"):
         commit_all(dest, "demo: the pipeline, params.yaml of the study with configs/demo.yaml laid over it")

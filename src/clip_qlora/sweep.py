@@ -55,7 +55,7 @@ def make_repo(project: Path, dest: Path, env: dict, overrides: Path) -> None:
     """The project at `dest` with `overrides` laid over params.yaml, as a Git + DVC repository whose baseline
     commit includes prepare and quantize (shared by every variant of a lora/train grid)."""
     if not (dest / ".git").exists():
-        init_repo(dest, env)
+        init_repo(project, dest, env)
     prepare_dir(project, dest, overrides)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     root = str((dest / params["data"]["root"]).resolve())

@@ -580,6 +580,28 @@ def remove_stale_folders(tmp: str | None = None) -> list[str]:
 
 # ---- the wrapper (python -m clip_qlora.warm -- CMD) ----------------------------------------------------------
 
+def params_error(cmd: list[str], cwd=None) -> str | None:
+    """For a `dvc repro` or `dvc exp run`: params.yaml checked before DVC starts, since DVC deletes a stage's
+    outputs before the stage can reject a bad value (`python -m stages check` does the same by hand)."""
+    from .config import check_params
+    from .io import UserError
+
+    words = [os.path.basename(cmd[0]), *cmd[1:3]]
+    if words[0] != "dvc" or not ("repro" in words[1:] or words[1:3] == ["exp", "run"]):
+        return None
+    folder = cwd or os.getcwd()
+    path, pipeline = os.path.join(folder, "params.yaml"), os.path.join(folder, "dvc.yaml")
+    # only a pipeline of this project's stages reads params.yaml by this project's schema
+    if not (os.path.exists(path) and os.path.exists(pipeline)
+            and "python -m stages " in open(pipeline, encoding="utf8").read()):
+        return None
+    try:
+        check_params(path)
+    except UserError as e:
+        return f"error: {e}"
+    return None
+
+
 def run_with_server(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> int:
     """Start a server, run cmd with CLIP_QLORA_WARM pointing at it, stop the server; cmd's exit code (negative:
     the signal that ended it). A command that cannot be started: one line on stderr, 127, nothing started."""
@@ -588,6 +610,10 @@ def run_with_server(cmd: list[str], env: dict | None = None, cwd: str | os.PathL
     if why:
         print(why, file=sys.stderr)
         return 127
+    why = params_error(cmd, cwd)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     remove_stale_folders()
     env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without creating a CUDA context
     with SignalsToCommand() as signals:
