@@ -118,3 +118,18 @@ def test_a_reloaded_base_has_every_buffer_of_the_saved_one(tmp_path):
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert mine[name].dtype == theirs[name].dtype and torch.equal(mine[name], theirs[name]), name
+
+
+def test_evaluation_runs_the_function_training_ran(saved_bases):
+    """A 4-bit Linear gives the same output without grad in eval mode (how evaluation calls it) as with grad
+    in train mode: bitsandbytes would otherwise repack the weight on a CPU with AVX512-BF16 and multiply in
+    bf16 (the machine CI runs on has it)."""
+    model, _ = load_base(saved_bases["nf4"], "cpu")
+    lin = next(lin for *_, lin in block_linears(model))
+    x = torch.randn(5, lin.in_features, generator=torch.Generator().manual_seed(0))
+    lin.train()
+    trained = lin(x.clone().requires_grad_(True)).detach()
+    lin.eval()
+    with torch.no_grad():
+        assert torch.equal(lin(x), trained)
+        assert torch.equal(lin(x), trained)  # and again: nothing was repacked by the first call

@@ -18,9 +18,14 @@ def settings(params) -> dict:
             "expand_absmax": q.expand_absmax}
 
 
-def _empty_linear4bit(lin: nn.Linear, s: dict, compute_dtype) -> Linear4bit:
-    return Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
-                      compress_statistics=s["double_quant"], quant_type=s["type"], device="meta")
+def _linear4bit(lin: nn.Linear, s: dict, compute_dtype, device) -> Linear4bit:
+    q = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
+                   compress_statistics=s["double_quant"], quant_type=s["type"], device=device)
+    # On a CPU with AVX512-BF16, bitsandbytes repacks the weight in place at the first forward without grad
+    # (evaluation) and from then on multiplies in bf16 whatever compute_dtype says: evaluation would no
+    # longer run the function training ran (and a reload would differ from the model that was saved).
+    q.support_avx512bf16_for_cpu = False
+    return q
 
 
 def _mark_cast_dtype(model: nn.Module, compute_dtype) -> None:
@@ -35,8 +40,7 @@ def convert(model: nn.Module, s: dict, compute_dtype, device) -> nn.Module:
     """Quantize every block Linear on `device` (CPU works with bitsandbytes >= 0.48)."""
     model.to(device)
     for _, parent, attr, lin in list(block_linears(model)):
-        q = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=compute_dtype,
-                       compress_statistics=s["double_quant"], quant_type=s["type"], device=device)
+        q = _linear4bit(lin, s, compute_dtype, device)
         q.weight = Params4bit(lin.weight.data, requires_grad=False, blocksize=s["blocksize"],
                               compress_statistics=s["double_quant"], quant_type=s["type"], module=q)
         q.weight._quantize(device)
@@ -50,7 +54,7 @@ def convert(model: nn.Module, s: dict, compute_dtype, device) -> nn.Module:
 def prepare_for_load(model: nn.Module, s: dict, compute_dtype) -> nn.Module:
     """Swap block Linears for empty Linear4bit shells that `load_quantized` fills."""
     for _, parent, attr, lin in list(block_linears(model)):
-        q = _empty_linear4bit(lin, s, compute_dtype)
+        q = _linear4bit(lin, s, compute_dtype, "meta")
         if lin.bias is not None:
             q.bias = nn.Parameter(torch.empty_like(lin.bias), requires_grad=False)
         setattr(parent, attr, q)
