@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,7 @@ def test_the_demo_is_a_git_repository_for_dvcs_experiment_commands_and_keeps_the
 def test_stopping_the_demo_leaves_no_process_and_no_folder(project, tmp_path, how):
     """Ctrl-C (the terminal's SIGINT to the whole foreground group), SIGTERM or SIGKILL of `make demo`'s
     process while a stage runs: DVC, the stage and the warm server all end, no traceback, no socket folder."""
-    record, tmp = tmp_path / "stage.pid", tmp_path / "tmp"
-    tmp.mkdir()
+    record, tmp = tmp_path / "stage.pid", Path(tempfile.mkdtemp(prefix="cq-"))  # short enough for a socket path
     p = demo(project, tmp_path / "demo", env={**ENV, "DEMO_TEST_RECORD": str(record), "TMPDIR": str(tmp)},
              start_new_session=True)
     with process_tree(p, record) as procs:

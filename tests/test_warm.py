@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -162,11 +163,19 @@ def test_the_server_preloads_every_library(server):
 
 # ---- the wrapper: however it or its server ends, nothing of the run is left -----------------------------------
 
+def short_tmp(tmp_path: Path) -> Path:
+    """The test's own temporary folder for the wrapper (TMPDIR): a short path under /tmp, linked from tmp_path
+    as tmp (pytest-xdist's tmp_path is too long to hold a socket, and the wrapper would use /tmp instead)."""
+    link = tmp_path / "tmp"
+    if not link.is_symlink():
+        link.symlink_to(tempfile.mkdtemp(prefix="cq-"))
+    return Path(os.readlink(link))
+
+
 def wrapper_env(tmp_path: Path) -> dict:
     """The test's own temporary folder as the wrapper's (TMPDIR): its socket folders are the test's to see."""
-    (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != warm.ENV}
-    return {**env, "TMPDIR": str(tmp_path / "tmp"),
+    return {**env, "TMPDIR": str(short_tmp(tmp_path)),
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), str(TESTS)])}
 
 
@@ -203,7 +212,7 @@ def _start_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, list[p
 
 
 def socket_folders(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "tmp").glob(warm.FOLDER_PREFIX + "*"))
+    return sorted(p.name for p in short_tmp(tmp_path).glob(warm.FOLDER_PREFIX + "*"))
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
@@ -274,3 +283,18 @@ def test_bad_params_stop_dvc_repro_before_it_starts(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "lora.r" in r.stderr, r.stderr
     assert socket_folders(tmp_path) == []
+
+
+def test_a_tmpdir_too_long_for_a_socket_still_gets_a_warm_server(tmp_path):
+    """A Unix socket's path holds 107 bytes: under a deeper TMPDIR the socket folder goes to /tmp, so the stages
+    are still served warm (the server could not bind there, and every stage would run cold)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    record = tmp_path / "rec.json"
+    env = {**wrapper_env(tmp_path), "TMPDIR": str(deep)}
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"),
+                        "--as-dvc", str(record), "0"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert "served from the warm server" in r.stderr and "did not start" not in r.stderr, r.stderr
+    assert record.exists()  # the stage ran
+    assert not list(deep.glob(warm.FOLDER_PREFIX + "*"))

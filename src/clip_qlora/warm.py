@@ -560,10 +560,31 @@ def _listening(sock_path: str) -> bool:
             return False
 
 
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path holds 108 with the closing NUL on Linux)
+
+
+def socket_folder() -> str:
+    """A new 0700 folder for the server's socket (only this user's processes can connect), named by this
+    process so that a later run can tell it is stale: in TMPDIR, or in /tmp where TMPDIR's path is too long
+    for a socket address (the server could not bind, and every stage would run cold)."""
+    for base in (tempfile.gettempdir(), "/tmp"):
+        folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
+        if len(os.fsencode(os.path.join(folder, "s"))) <= SOCKET_PATH_MAX:
+            return folder
+        os.rmdir(folder)
+    return folder  # /tmp itself too long cannot happen; the server then says it could not start
+
+
 def remove_stale_folders(tmp: str | None = None) -> list[str]:
     """Remove this user's socket folders whose wrapper is dead and whose server no longer listens (left when
-    both were killed outright); the folders removed."""
-    tmp = tmp or tempfile.gettempdir()
+    both were killed outright), in TMPDIR and in /tmp (`socket_folder`'s fallback); the folders removed."""
+    removed = []
+    for base in dict.fromkeys((tmp or tempfile.gettempdir(), "/tmp")):
+        removed += _remove_stale(base)
+    return removed
+
+
+def _remove_stale(tmp: str) -> list[str]:
     removed = []
     for entry in os.scandir(tmp):
         m = re.fullmatch(re.escape(FOLDER_PREFIX) + r"(?:(\d+)-)?\w+", entry.name)
@@ -617,8 +638,7 @@ def run_with_server(cmd: list[str], env: dict | None = None, cwd: str | os.PathL
     remove_stale_folders()
     env.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without creating a CUDA context
     with SignalsToCommand() as signals:
-        # 0700: only this user's processes can connect; named by this process so a later run can tell it is stale
-        folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
+        folder = socket_folder()
         path = os.path.join(folder, "s")
         env[ENV] = path
         # a session of its own: a terminal's Ctrl-C reaches the stages it forks only through their callers
