@@ -8,14 +8,18 @@ from stages.app import DatasetOpt, DebugOpt, ParamsOpt, app, stage
 @app.command()
 @stage
 def prepare(dataset: str = DatasetOpt,
-            out: Path = typer.Option(None, help="split file to write [default: data/splits/<dataset>.json]"),
+            out: Path = typer.Option(None, help="split file to write [default: data/splits/<dataset>.json]; the "
+                                           "digests of its train and test images go beside it"),
             params: Path = ParamsOpt, debug: bool = DebugOpt):
     """The few-shot split of one dataset: k images per class per seed, and the full test list."""
     from clip_qlora import config
+    from clip_qlora.data.digest import write_digests
     from clip_qlora.data.splits import prepare_split, write_split
 
     p = config.load(params)
     config.require_member("dataset", dataset, p.datasets)
     d = p.data
     split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw)
-    write_split(out or Path("data/splits") / f"{dataset}.json", split)
+    out = out or Path("data/splits") / f"{dataset}.json"
+    write_split(out, split)
+    write_digests(out, split, Path(d.root))

@@ -17,11 +17,12 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from clip_qlora.data.images import RATIO, SCALE, TrainImages, augment, crop_params, eval_loader, load_train_images
+from clip_qlora.data.digest import digest_path, images_digest, listed_images, split_digests, write_digests
 from clip_qlora.data.registry import DATASETS, DatasetSpec
 from clip_qlora.data.splits import class_prompts, load_split, prepare_split, write_split
 from clip_qlora.io import UserError
 
-from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, root_path, truncate,
+from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, hash_key, root_path, truncate,
                            write_image)
 
 LAYOUT_NAMES = list(LAYOUTS)
@@ -169,6 +170,60 @@ def test_write_and_load_split_round_trip(tmp_path):
     write_split(tmp_path / "out" / "split.json", split)
     assert load_split(tmp_path / "out" / "split.json", tmp_path) == split
     assert not [p for p in (tmp_path / "out").iterdir() if p.name != "split.json"]  # no temporary left over
+
+
+def test_image_digests_follow_the_bytes_of_the_listed_images_only(tmp_path):
+    """An image replaced under the same name leaves the split file byte for byte the same; the train digest
+    changes with a drawn shot's bytes only, the test digest with a test image's only, and an image the split
+    does not list (an undrawn training image, a val image) changes neither."""
+    rows = build(tmp_path, "eurosat")
+    split = prepare(tmp_path, "eurosat")
+    write_split(tmp_path / "before.json", split)
+    written = write_digests(tmp_path / "before.json", split, tmp_path)
+    assert written == split_digests(split, tmp_path)
+    for part in ("train", "test"):
+        assert (tmp_path / f"before.{part}.sha256").read_text() == written[part] + "\n"
+        assert digest_path(tmp_path / "before.json", part) == tmp_path / f"before.{part}.sha256"
+
+    shots, tests = listed_images(split, "train"), listed_images(split, "test")
+    assert shots == sorted({p for rows_ in split["train"].values() for p, _ in rows_}) and not set(shots) & set(tests)
+    every = {root_path("eurosat", rel) for part in rows.values() for rel, _, _ in part}
+    unlisted = sorted(every - set(shots) - set(tests))
+    assert unlisted  # the fixture has undrawn training images and val images
+
+    def replace(path: str) -> None:
+        before = (tmp_path / path).read_bytes()
+        write_image(tmp_path / path, hash_key(path) + 1)  # another readable image under the same name
+        assert (tmp_path / path).read_bytes() != before
+
+    def digests_after(path: str) -> dict[str, str]:
+        replace(path)
+        again = prepare(tmp_path, "eurosat")
+        write_split(tmp_path / "after.json", again)
+        assert (tmp_path / "after.json").read_bytes() == (tmp_path / "before.json").read_bytes()
+        return split_digests(again, tmp_path)
+
+    was = written
+    for path, changed in [(shots[0], {"train"}), (tests[-1], {"test"}), (unlisted[0], set())]:
+        now = digests_after(path)
+        assert {part for part in now if now[part] != was[part]} == changed, path
+        was = now
+
+
+def test_image_digest_tells_where_each_name_and_file_ends(tmp_path):
+    """Names and bytes are length-prefixed: one file "a" holding b"bcx" and two files "a" (empty) and "bc"
+    (b"x") concatenate alike, and must not hash alike; a renamed file changes the digest too."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    (one / "a").write_bytes(b"bcx")
+    (two / "a").write_bytes(b"")
+    (two / "bc").write_bytes(b"x")
+    assert images_digest(one, ["a"]) != images_digest(two, ["a", "bc"])
+    before = images_digest(one, ["a"])
+    (one / "a").rename(one / "b")
+    assert images_digest(one, ["b"]) != before
+    with pytest.raises(UserError, match=f"^{one / 'a'}: cannot read it"):
+        images_digest(one, ["a"])
 
 
 def test_load_train_images_keeps_each_image_whole(tmp_path):

@@ -102,16 +102,32 @@ def test_stage_instances_match_dvcs_names():
                      "scale@clip-tiny", "scale_report"}
 
 
-def test_dataset_files_are_a_dependency_of_prepare(tmp_path):
-    """Through real DVC, prepare alone (seconds): replacing an image of data.root makes prepare stale; a damaged
-    test image then fails prepare with one line naming it, before any stage that trains."""
-    import json
+def test_train_and_evaluate_depend_on_the_digests_of_the_images_they_read():
+    """prepare writes the split and its two image digests where clip_qlora.data.digest says; train depends on
+    the train digest only, evaluate on the test digest only (each also on the split itself)."""
+    from clip_qlora.data.digest import PARTS, digest_path
+    from clip_qlora.pipeline import split_path
+
+    dvc, params = load_pipeline()
+    stages = stage_instances(dvc, params)
+    for dataset in params["datasets"]:
+        split = str(split_path(dataset))
+        digests = {part: str(digest_path(split_path(dataset), part)) for part in PARTS}
+        assert stages[f"prepare@{dataset}"]["outs"] == [split, digests["train"], digests["test"]]
+        for method in params["methods"]:
+            for stage, part in (("train", "train"), ("evaluate", "test")):
+                deps = stages[f"{stage}@{method}-{dataset}"]["deps"]
+                assert split in deps and digests[part] in deps, (stage, method, dataset)
+                assert set(digests.values()) & set(deps) == {digests[part]}, (stage, method, dataset)
+
+
+def _prepared_project(tmp_path):
+    """A copy of the project with the demo's params and `dvc repro prepare@shapes` done (seconds); returns a
+    function that runs a command there."""
     import os
     import shutil
     import subprocess
     import sys
-
-    from PIL import Image
 
     from cli_helpers import ENV, demo_params, write_params
 
@@ -131,11 +147,28 @@ def test_dataset_files_are_a_dependency_of_prepare(tmp_path):
     assert run(sys.executable, "-m", "stages", "check").returncode == 0  # as `make run` does: makes data.root
     r = run("dvc", "repro", "prepare@shapes")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(run("dvc", "status", "--json", "prepare@shapes").stdout or "{}") == {}
+    return run
+
+
+def _status(run, *stages) -> dict:
+    import json
+
+    r = run("dvc", "status", "--json", *stages)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout or "{}")
+
+
+def test_dataset_files_are_a_dependency_of_prepare(tmp_path):
+    """Through real DVC, prepare alone (seconds): replacing an image of data.root makes prepare stale; a damaged
+    test image then fails prepare with one line naming it, before any stage that trains."""
+    from PIL import Image
+
+    run = _prepared_project(tmp_path)
+    assert _status(run, "prepare@shapes") == {}
 
     image = tmp_path / "data/raw/shapes/images/red_circle/train_000.png"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(image)  # replaced by another readable image
-    status = json.loads(run("dvc", "status", "--json", "prepare@shapes").stdout)
+    status = _status(run, "prepare@shapes")
     assert status == {"prepare@shapes": [{"changed deps": {"data/raw": "modified"}}]}, status
 
     test_image = tmp_path / "data/raw/shapes/images/blue_square/test_003.png"
@@ -147,3 +180,53 @@ def test_dataset_files_are_a_dependency_of_prepare(tmp_path):
     assert errors == [f"error: {bad}: test image cannot be opened (cannot identify image file '{bad}'); replace it "
                       f"(or remove it from the test list of data/raw/shapes/split_zhou_Shapes.json) and rerun "
                       f"prepare"], r.stdout + r.stderr
+
+
+def test_a_replaced_image_reruns_the_stages_that_read_it(tmp_path):
+    """Through real DVC, without training: train@lora-shapes, evaluate@lora-shapes and zeroshot@bf16 are recorded
+    as done over placeholder inputs and outputs (`dvc commit`), then an image is replaced under the same name and
+    prepare reruns (the split file stays byte for byte the same). A test image makes evaluate and zeroshot stale,
+    not train; a drawn training image makes train (and zeroshot, which depends on the whole data/splits) stale,
+    not evaluate."""
+    import json
+
+    from PIL import Image
+
+    from cli_helpers import demo_params
+
+    run = _prepared_project(tmp_path)
+    readers = ["train@lora-shapes", "evaluate@lora-shapes", "zeroshot@bf16"]
+    dvc, _ = load_pipeline(tmp_path)
+    stages = stage_instances(dvc, demo_params())
+    for name in readers:
+        stage = stages[name]
+        for entry in stage["deps"] + stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = tmp_path / (entry if isinstance(entry, str) else next(iter(entry)))
+            if not path.exists():  # what quantize and train would have made: any content does for DVC
+                if path.suffix:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("{}\n")
+                else:
+                    path.mkdir(parents=True)
+                    (path / "placeholder").write_text("x\n")
+    split_file = tmp_path / "data/splits/shapes.json"
+    split, split_bytes = json.loads(split_file.read_text()), split_file.read_bytes()
+    root = tmp_path / demo_params()["data"]["root"]
+
+    def replace(path: str) -> dict:
+        r = run("dvc", "commit", "-f", "-q", *readers)  # as if they had just run
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _status(run, *readers) == {}
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(root / path)  # another readable image under the same name
+        r = run("dvc", "repro", "prepare@shapes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert split_file.read_bytes() == split_bytes
+        return _status(run, *readers)
+
+    splits_changed = [{"changed deps": {"data/splits": "modified"}}]
+    status = replace(split["test"][0][0])
+    assert status == {"evaluate@lora-shapes": [{"changed deps": {"data/splits/shapes.test.sha256": "modified"}}],
+                      "zeroshot@bf16": splits_changed}, status
+    status = replace(split["train"]["1"][0][0])
+    assert status == {"train@lora-shapes": [{"changed deps": {"data/splits/shapes.train.sha256": "modified"}}],
+                      "zeroshot@bf16": splits_changed}, status
