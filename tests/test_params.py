@@ -67,6 +67,7 @@ BAD = [
     ("train.grad_accum", 0, ["train.grad_accum", "= 0", "integer >= 1"]),
     ("eval.batch_size", 0, ["eval.batch_size", "= 0", "integer >= 1"]),
     ("runtime.eval_workers", -1, ["runtime.eval_workers", "= -1", "integer >= 0"]),
+    ("runtime.eval_workers", "all", ["runtime.eval_workers", "all", "auto or an integer >= 0"]),
     ("runtime.cublas_workspace_kib", -1, ["runtime.cublas_workspace_kib", "= -1", "integer >= 0"]),
     ("profile.n_classes", 1, ["profile.n_classes", "= 1", "integer >= 2"]),
     # numbers out of range
@@ -542,3 +543,13 @@ def test_load_with_overrides_the_study_params():
         config.load_with({"lora.r": 0})
     with pytest.raises(UserError, match=r"^params: unknown key train.cuda_graph"):
         config.load_with({"train.cuda_graph": False})  # moved to runtime: the old name is refused
+
+
+def test_auto_eval_workers_are_the_cores_this_process_may_use(monkeypatch):
+    """auto: one worker per CPU core the stage may run on (its affinity, not the machine's count), at most 16;
+    none on a single core (decoding in the stage's own process)."""
+    import os
+
+    for cores, expected in ((1, 0), (2, 2), (12, 12), (64, 16)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert config.load_with({"runtime.eval_workers": "auto"}).runtime.eval_workers == expected

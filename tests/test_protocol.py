@@ -12,7 +12,9 @@ def test_the_shipped_recipe_is_clip_loras():
     rec = P.record(config.load_with(), SPLIT, META)
     devs = P.deviations(rec)
     assert devs[-len(P.ALWAYS):] == P.ALWAYS
-    assert [d for d in devs if d not in P.ALWAYS] == [d for d in devs if d.startswith(("Training images", "Precision"))]
+    assert [d for d in devs if d not in P.ALWAYS] == [
+        d for d in devs if d.startswith(("Training images", "Precision", "Adapter arithmetic"))]
+    assert P.FUSED_QKV in devs  # train.fused_qkv is on in the shipped params
     precision = next(d for d in devs if d.startswith("Precision"))
     assert "computes in bfloat16" in precision and "bfloat16 autocast" in precision
     assert rec["split_draw_detail"] == SPLIT["draw"]
@@ -21,6 +23,7 @@ def test_the_shipped_recipe_is_clip_loras():
 def test_each_departure_from_the_recipe_is_listed():
     p = config.load_with()
     p.data.split_draw, p.train.batching, p.lora.r, p.train.decode_short_side = "keyed", "full", 8, 0
+    p.train.fused_qkv = False  # PEFT's own modules: no arithmetic deviation
     devs = P.deviations(P.record(p, SPLIT, {**META, "activation": "gelu"}))
     extra = [d for d in devs if d not in P.ALWAYS and not d.startswith("Precision")]
     assert any(d.startswith("Few-shot draw: 'keyed'") for d in extra)

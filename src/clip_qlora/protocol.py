@@ -47,6 +47,13 @@ FAST_DECODE = ("Evaluation inputs: decoded and resized by torchvision on the eva
                "the reference's pixels on an H200.")
 
 
+# train.fused_qkv (qkv.py; benchmarks/results/2026-12-04-nvidia-h200-step.md)
+FUSED_QKV = ("Adapter arithmetic: each block's q, k, v adapters run in one function at a rank padded with zeros "
+             "(train.fused_qkv), PEFT's mathematics and dropout masks in another float rounding order than "
+             "PEFT's per-matrix modules; on an H200 it moved the adapters after 200 steps about as far as "
+             "swapping only the attention kernel does (a few percent, Frobenius).")
+
+
 def with_evaluation(record: dict, eval_metrics: dict | None) -> dict:
     """A training run's record with how the evaluate stage decoded its test images (eval.decode, from its
     metrics: the train stage does not read the eval group)."""
@@ -65,7 +72,7 @@ def record(params, split: dict, meta: dict) -> dict:
         "logit_scale": t.logit_scale, "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,
         "lora_targets": list(lo.targets), "lora_towers": list(lo.towers), "lora_layers": lo.layers,
         "lora_scaling": lo.scaling, "activation": meta["activation"], "pretrained": meta["pretrained"],
-        "compute_dtype": meta["compute_dtype"],
+        "compute_dtype": meta["compute_dtype"], "fused_qkv": t.fused_qkv,
     }
 
 
@@ -83,6 +90,8 @@ def deviations(protocol: dict) -> list[str]:
                    f"source pixels than CLIP-LoRA's crops of the full-resolution file (data/images.py says why).")
     if protocol.get("eval_decode") == "fast":
         out.append(FAST_DECODE)
+    if protocol.get("fused_qkv"):
+        out.append(FUSED_QKV)
     dtype = protocol.get("compute_dtype", "bfloat16")
     autocast = "no autocast" if dtype == "float32" else f"{dtype} autocast (bf16 has fp32's exponent range)" \
         if dtype == "bfloat16" else f"{dtype} autocast"
