@@ -69,12 +69,6 @@ def trainable_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
             "trainable_params": sum(p.numel() for p in params)}
 
 
-def adamw_state_bytes(model: nn.Module) -> int:
-    """AdamW keeps exp_avg and exp_avg_sq (param dtype) and a step scalar per parameter."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
-
-
 @dataclass
 class SavedActivations:
     """The most bytes that tensors saved for backward hold at once while the context is active.

@@ -102,7 +102,3 @@ def for_training(model: nn.Module, s: dict) -> nn.Module:
                 absmax=absmax.float(), shape=qs.shape, code=qs.code, blocksize=qs.blocksize,
                 quant_type=qs.quant_type, dtype=qs.dtype)
     return model
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, bnb.nn.Linear4bit)
