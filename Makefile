@@ -23,23 +23,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
 
-# The stages run as forks of one process that has imported torch, open_clip and PEFT (clip_qlora/warm.py):
+# The stages run as forks of one process that has imported torch, open_clip and PEFT (clip_qlora/runtime/warm.py):
 # seconds of start-up per stage instead of 10-20. Plain `dvc repro` runs the same stages, each cold.
 # params.yaml is checked first: DVC deletes a stage's outputs before the stage could reject a bad value.
 run: $(STAMP) .dvc
 	$(PY) -m stages check
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.warm -- $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.runtime.warm -- $(BIN)/dvc repro
 
 demo: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.demo . runs/demo
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m tools.demo . runs/demo
 
 # A grid of variants on DVC's experiment queue, offline like the demo, in runs/sweep (a Git repo of its own).
 # SWEEP_JOBS experiments at once; on a GPU machine each stage claims its own GPU (README: Sweeps over several GPUs).
-# SWEEP_GRID='-S lora.r=2,4,8' replaces the default grid (clip_qlora/sweep.py: GRID).
+# SWEEP_GRID='-S lora.r=2,4,8' replaces the default grid (tools/sweep.py: GRID).
 SWEEP_JOBS ?= 2
 SWEEP_GRID ?=
 sweep: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m clip_qlora.sweep . runs/sweep --jobs $(SWEEP_JOBS) $(SWEEP_GRID)
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m tools.sweep . runs/sweep --jobs $(SWEEP_JOBS) $(SWEEP_GRID)
 
 # Test files run on TEST_WORKERS processes, each file whole in one of them (its module fixtures built once):
 # the end-to-end pipeline file is the longest (about 4 minutes on its own, its first repro warm).

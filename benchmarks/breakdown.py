@@ -4,7 +4,7 @@ alive at the step's peak, grouped by the line that made them.
 
     python benchmarks/breakdown.py --method qlora_gc --batch 4 --what memory kernels
 
-Runs our step (`clip_qlora.train.optimizer_step`, the step the train stage runs, eagerly) on ViT-B-16 with
+Runs our step (`clip_qlora.jobs.train.optimizer_step`, the step the train stage runs, eagerly) on ViT-B-16 with
 random weights and synthetic inputs, like `run.py`. A diagnostic: it prints, it asserts nothing.
 """
 from __future__ import annotations
@@ -20,10 +20,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from clip_qlora.base import make_base, save_base  # noqa: E402
-from clip_qlora import backends, config  # noqa: E402
-from clip_qlora.profile import synthetic_prompts  # noqa: E402
-from clip_qlora.train import build_run, make_step, optimizer_step  # noqa: E402
+from clip_qlora.core.base import make_base, save_base  # noqa: E402
+from clip_qlora.core import backends
+from clip_qlora import config  # noqa: E402
+from clip_qlora.jobs.profile import synthetic_prompts  # noqa: E402
+from clip_qlora.jobs.train import build_run, make_step, optimizer_step  # noqa: E402
 
 MIB = 2 ** 20
 OURS = ("clip_qlora", "open_clip", "peft", "bitsandbytes", "torch/nn/functional", "torch/utils/checkpoint")

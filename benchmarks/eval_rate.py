@@ -40,9 +40,9 @@ def main() -> None:
     from PIL import Image
 
     from clip_qlora import config
-    from clip_qlora.base import make_base
+    from clip_qlora.core.base import make_base
     from clip_qlora.data.images import eval_batches
-    from clip_qlora.scoring import zero_shot
+    from clip_qlora.core.scoring import zero_shot
 
     p = config.load(REPO / "params.yaml")
     root = Path(tempfile.mkdtemp())

@@ -4,7 +4,7 @@
    seeds), for every method (checkpointed ones included). Straightforward: one stream (no side stream for
    the text tower) and bitsandbytes' double-quantized absmax dequantised at every use (no expand_absmax).
 2. Checkpointing changes nothing but memory and time: lora_gc trains exactly like lora (qlora_gc like qlora),
-   dropout on, since every block draws its masks from its own seeded generators (clip_qlora/blocks.py).
+   dropout on, since every block draws its masks from its own seeded generators (clip_qlora/core/blocks.py).
 3. Wall time of the whole 4-shot protocol for one 100-class dataset (2000 steps of 32) through the real
    training loop (`train_seed`: sampling, device augmentation, graph replay, logging windows).
 4. eval_input: the evaluation inputs of both eval.decode paths against the reference's pixels (PIL decode,
@@ -42,8 +42,8 @@ def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, 
     short last batch, as train.batching: epochs makes them), which the graph path captures separately.
     straight: one stream, and (the base's settings) absmax dequantised at every use; see main()."""
     from clip_qlora import config
-    from clip_qlora.profile import synthetic_prompts
-    from clip_qlora.train import build_run, make_step, optimizer_step
+    from clip_qlora.jobs.profile import synthetic_prompts
+    from clip_qlora.jobs.train import build_run, make_step, optimizer_step
 
     p = config.load_with({"runtime.overlap_text": not straight})
     torch.manual_seed(0)
@@ -89,8 +89,8 @@ def checkpoint_equivalence(base_dir, method, micro, accum, steps=4):
 def protocol_time(base_dir, method, n_classes=100, shots=4):
     from clip_qlora import config
     from clip_qlora.data.images import TrainImages
-    from clip_qlora.profile import synthetic_prompts
-    from clip_qlora.train import train_seed
+    from clip_qlora.jobs.profile import synthetic_prompts
+    from clip_qlora.jobs.train import train_seed
 
     p = config.load_with()
     g = torch.Generator().manual_seed(0)
@@ -300,10 +300,11 @@ def main():
 
 def training_checks(args, tmp: Path) -> dict:
     """Checks 1-3 on CUDA, on random ViT-B-16 bases of each backend made in `tmp`."""
-    from clip_qlora import backends, config
-    from clip_qlora.base import make_base, save_base
-    from clip_qlora.io import versions
-    from clip_qlora.profile import isolated
+    from clip_qlora.core import backends
+    from clip_qlora import config
+    from clip_qlora.core.base import make_base, save_base
+    from clip_qlora.runtime.io import versions
+    from clip_qlora.jobs.profile import isolated
 
     out = {"versions": versions(), "graph": {}, "checkpoint": {}, "protocol": {}}
     study = config.load_with()

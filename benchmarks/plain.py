@@ -1,11 +1,11 @@
 """The plain recipe: what a user would write with stock open_clip + bitsandbytes + PEFT + torch.
 
 This file is the baseline that `run.py` compares our training step against. It is written on purpose without
-our training code (no `clip_qlora.train`, `clip_qlora.base`, backend modules, `clip_qlora.adapters`; of
-`clip_qlora.backends` only the method table): only the recipe of ../shared/measurements.md, step by step:
+our training code (no `clip_qlora.jobs.train`, `clip_qlora.core.base`, backend modules, `clip_qlora.core.adapters`; of
+`clip_qlora.core.backends` only the method table): only the recipe of ../shared/measurements.md, step by step:
 
 - open_clip `create_model(arch)` with random init (memory and speed do not depend on weight values);
-- attention split into q/k/v/out `nn.Linear` (`clip_qlora.model.split_attention`; PEFT and bitsandbytes both
+- attention split into q/k/v/out `nn.Linear` (`clip_qlora.core.model.split_attention`; PEFT and bitsandbytes both
   need plain Linears, and there is no stock way to do this, so reusing ours is not an optimisation);
 - weights in the compute dtype (bf16 on a GPU), LayerNorms kept in fp32;
 - QLoRA: every block Linear (q, k, v, out, c_fc, c_proj of both towers) replaced by a bitsandbytes
@@ -18,8 +18,8 @@ our training code (no `clip_qlora.train`, `clip_qlora.base`, backend modules, `c
   `encode_text`;
 - gradient checkpointing through open_clip's `set_grad_checkpointing(True)`.
 
-The measurement (`measure_plain`) follows `clip_qlora.profile.measure` field for field, so the two can sit in
-one table: the exact accounting helpers of `clip_qlora.memory` are measuring tools, not training code.
+The measurement (`measure_plain`) follows `clip_qlora.jobs.profile.measure` field for field, so the two can sit in
+one table: the exact accounting helpers of `clip_qlora.core.memory` are measuring tools, not training code.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_qlora.backends import METHODS  # the method table (base, checkpointing); no backend code
+from clip_qlora.core.backends import METHODS  # the method table (base, checkpointing); no backend code
 
 # The bases this recipe writes out itself: bf16 as is, nf4 through stock bitsandbytes (below).
 QUANTIZED = {"bf16": False, "nf4": True}
@@ -88,7 +88,7 @@ def build_plain(method: str, arch: str, device: str, n_classes: int, compute_dty
     import open_clip
     from peft import LoraConfig, get_peft_model
 
-    from clip_qlora.model import register_configs, split_attention
+    from clip_qlora.core.model import register_configs, split_attention
 
     quantized, grad_ckpt = QUANTIZED[METHODS[method].base], METHODS[method].checkpointing
     register_configs()  # makes the shipped clip-tiny known to open_clip (ViT-B-16 is built in)
@@ -146,9 +146,9 @@ def plain_step(state: PlainState, images: torch.Tensor, labels: torch.Tensor, mi
 
 def measure_plain(method: str, arch: str, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
                   device: str, compute_dtype: torch.dtype) -> dict:
-    """Same fields as `clip_qlora.profile.measure`, for the plain recipe."""
-    from clip_qlora.memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
-    from clip_qlora.profile import median_step_ms
+    """Same fields as `clip_qlora.jobs.profile.measure`, for the plain recipe."""
+    from clip_qlora.core.memory import CudaPeak, SavedActivations, allocated_bytes, frozen_weight_bytes, trainable_bytes
+    from clip_qlora.jobs.profile import median_step_ms
 
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

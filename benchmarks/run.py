@@ -5,7 +5,7 @@
         --n-classes 100 --out benchmarks/results
 
 For each method (lora, lora_gc, qlora, qlora_gc) and micro-batch (no accumulation) it measures the plain recipe
-(`plain.py`) and ours (`clip_qlora.profile.measure` on a base built by `clip_qlora.base.make_base`), then writes
+(`plain.py`) and ours (`clip_qlora.jobs.profile.measure` on a base built by `clip_qlora.core.base.make_base`), then writes
 `<out>/<date>-<gpu-slug>.json` and a markdown summary beside it (tables, ratios ours/plain, target verdicts).
 Both files are rewritten after every row, so an interrupted run still leaves what it measured.
 See benchmarks/README.md.
@@ -31,7 +31,7 @@ for _p in (str(HERE), str(ROOT / "src")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from clip_qlora.backends import METHODS  # noqa: E402  (the method table only: imports no torch)
+from clip_qlora.core.backends import METHODS  # noqa: E402  (the method table only: imports no torch)
 
 METHOD_ORDER = tuple(METHODS)
 GIB = 2 ** 30
@@ -122,9 +122,9 @@ def to_row(m: dict, baseline: int | None) -> dict:
 
 
 def measure_one(label: str, fn, args: tuple, device: str) -> dict:
-    """fn(*args) in a fresh process on CUDA (clip_qlora.profile.isolated): peaks cannot leak across rows."""
-    from clip_qlora.memory import allocated_bytes
-    from clip_qlora.profile import isolated
+    """fn(*args) in a fresh process on CUDA (clip_qlora.jobs.profile.isolated): peaks cannot leak across rows."""
+    from clip_qlora.core.memory import allocated_bytes
+    from clip_qlora.jobs.profile import isolated
 
     free(device)
     baseline = allocated_bytes(device)
@@ -338,7 +338,7 @@ def print_table(res: dict) -> None:
 
 
 def write_outputs(res: dict, out_dir: Path, stem: str) -> Path:
-    from clip_qlora.io import write_json, write_text
+    from clip_qlora.runtime.io import write_json, write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{stem}.json", res)
@@ -355,12 +355,12 @@ def main(argv=None) -> dict:
 
     from plain import measure_plain
 
-    from clip_qlora import backends
-    from clip_qlora.base import make_base, resolve_device, resolve_dtype, save_base
+    from clip_qlora.core import backends
+    from clip_qlora.core.base import make_base, resolve_device, resolve_dtype, save_base
     from clip_qlora import config
-    from clip_qlora.io import UserError
-    from clip_qlora.model import register_configs
-    from clip_qlora.profile import measure
+    from clip_qlora.runtime.io import UserError
+    from clip_qlora.core.model import register_configs
+    from clip_qlora.jobs.profile import measure
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@
     python benchmarks/scale.py measure --out DIR [--archs ViT-B-32,ViT-B-16] [--budget-s 450]
     python benchmarks/scale.py collect DIR [DIR ...]
 
-`measure` runs exactly what `dvc repro scale@<arch>` runs (`clip_qlora.scale.measure_arch` with params.yaml),
+`measure` runs exactly what `dvc repro scale@<arch>` runs (`clip_qlora.jobs.scale.measure_arch` with params.yaml),
 for the architectures asked (default: scale.archs), and rewrites DIR/scale.json after every configuration,
 so a run cut off at its time limit keeps what it measured. It starts no new configuration once --budget-s
 seconds have passed (the architecture in progress is then marked incomplete), so a device call can be sized
@@ -58,7 +58,7 @@ def environment() -> dict:
 
     import torch
 
-    from clip_qlora.io import versions
+    from clip_qlora.runtime.io import versions
 
     out = {**versions(), "cuda": torch.version.cuda}
     try:
@@ -75,9 +75,9 @@ def environment() -> dict:
 
 def measure(args) -> int:
     from clip_qlora import config
-    from clip_qlora.base import resolve_device
-    from clip_qlora.io import write_json
-    from clip_qlora.scale import measure_arch, print_line
+    from clip_qlora.core.base import resolve_device
+    from clip_qlora.runtime.io import write_json
+    from clip_qlora.jobs.scale import measure_arch, print_line
 
     p = config.load(args.params)
     archs = args.archs.split(",") if args.archs else list(p.scale.archs)
@@ -137,7 +137,7 @@ def measure(args) -> int:
 # ---- collect ------------------------------------------------------------------------------------------------
 
 def _runs(sources: list[str]) -> list[dict]:
-    from clip_qlora.io import UserError, read_json
+    from clip_qlora.runtime.io import UserError, read_json
 
     runs = []
     for s in sources:
@@ -167,7 +167,7 @@ def _committed_calls(data: dict, path: Path) -> list[dict]:
 
 def _check(rec: dict, p, where: str) -> None:
     """The record must be what scale@<arch> would write with these params."""
-    from clip_qlora.io import UserError
+    from clip_qlora.runtime.io import UserError
 
     want = {"batches": list(p.scale.batches), "n_classes": p.scale.n_classes, "warmup": p.scale.warmup,
             "steps": p.scale.steps, "lora": dataclasses.asdict(p.lora)}
@@ -231,8 +231,9 @@ def _renamed(record: dict) -> dict:
 
 
 def collect(args) -> int:
-    from clip_qlora import config, scale_report
-    from clip_qlora.io import UserError, write_json, write_text
+    from clip_qlora import config
+    from clip_qlora.report import scale as scale_report
+    from clip_qlora.runtime.io import UserError, write_json, write_text
 
     p = config.load(args.params)
     runs = _runs(args.sources)
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     args.argv = argv
-    from clip_qlora.io import UserError
+    from clip_qlora.runtime.io import UserError
 
     try:
         return measure(args) if args.cmd == "measure" else collect(args)

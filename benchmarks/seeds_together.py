@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from clip_qlora.train import _graph_body, _load_optimizer_in_place  # noqa: E402
+from clip_qlora.jobs.train import _graph_body, _load_optimizer_in_place  # noqa: E402
 
 
 class GroupStep:
@@ -126,10 +126,11 @@ def main() -> None:
         print(line, flush=True)
         logf.write(line + "\n")
 
-    from clip_qlora import backends, config
-    from clip_qlora.base import make_base, read_base, save_base
+    from clip_qlora.core import backends
+    from clip_qlora import config
+    from clip_qlora.core.base import make_base, read_base, save_base
     from clip_qlora.data.images import TrainImages
-    from clip_qlora.train import build_run, make_micro_batches, make_step, optimizer_step, _step_seed
+    from clip_qlora.jobs.train import build_run, make_micro_batches, make_step, optimizer_step, _step_seed
 
     p = config.load(REPO / "params.yaml")
     p.model.pretrained = "none"

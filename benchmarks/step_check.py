@@ -45,7 +45,7 @@ def train_steps(params, method, base_dir, prompts, device, steps, batch, n_class
         with sdpa_kernel(getattr(SDPBackend, sdpa.upper())):
             return train_steps(params, method, base_dir, prompts, device, steps, batch, n_classes, seed)
 
-    from clip_qlora.train import _step_seed, build_run, make_step
+    from clip_qlora.jobs.train import _step_seed, build_run, make_step
 
     run = build_run(base_dir, params, method, prompts, device, steps, seed=seed)
 
@@ -113,11 +113,12 @@ def main(argv=None):
 
     import torch
 
-    from clip_qlora import backends, config
-    from clip_qlora.backends import METHODS
-    from clip_qlora.base import make_base, resolve_device, resolve_dtype, save_base
-    from clip_qlora.model import register_configs
-    from clip_qlora.profile import synthetic_prompts
+    from clip_qlora.core import backends
+    from clip_qlora import config
+    from clip_qlora.core.backends import METHODS
+    from clip_qlora.core.base import make_base, resolve_device, resolve_dtype, save_base
+    from clip_qlora.core.model import register_configs
+    from clip_qlora.jobs.profile import synthetic_prompts
 
     register_configs()
     device = resolve_device(a.device)

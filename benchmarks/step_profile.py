@@ -17,9 +17,9 @@ imports build_run, make_step, measure_run and run.py's helpers, so it moves with
 benchmarks/results/<date>-<gpu>-step-profile.txt (and the summary in <date>-<gpu>-step.md).
 
 The step is the project's own, built the way benchmarks/run.py builds "ours": each base by
-`clip_qlora.base.make_base` + `save_base`, the run by `clip_qlora.train.build_run`, measured first by
-`clip_qlora.profile.measure_run` (the project's own step_ms, as run.py reports it), then the CUDA-graph step of
-`clip_qlora.train.make_step`. Nothing here re-implements the step; this file only times and profiles it.
+`clip_qlora.core.base.make_base` + `save_base`, the run by `clip_qlora.jobs.train.build_run`, measured first by
+`clip_qlora.jobs.profile.measure_run` (the project's own step_ms, as run.py reports it), then the CUDA-graph step of
+`clip_qlora.jobs.train.make_step`. Nothing here re-implements the step; this file only times and profiles it.
 
 Phases, in this order (all graphs are captured before the first profiler session: on CUDA 13 a CUPTI
 session opened before a capture can leave later sessions blind to graph kernels):
@@ -371,10 +371,10 @@ def sync(device: str) -> None:
 def build_all(args, ctx) -> dict:
     """Bases as run.py builds them, then per method measure_run (the project's step_ms) and the graph step."""
     import torch
-    from clip_qlora import backends
-    from clip_qlora.base import make_base, save_base
-    from clip_qlora.profile import measure_run, synthetic_prompts
-    from clip_qlora.train import build_run, make_step
+    from clip_qlora.core import backends
+    from clip_qlora.core.base import make_base, save_base
+    from clip_qlora.jobs.profile import measure_run, synthetic_prompts
+    from clip_qlora.jobs.train import build_run, make_step
 
     bench, params, device, dtype = ctx["bench"], ctx["params"], ctx["device"], ctx["dtype"]
     tmp = ctx["tmp"]
@@ -428,7 +428,7 @@ def build_all(args, ctx) -> dict:
 def profile_graph(method: str, st: dict, args, ctx) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from clip_qlora.profile import median_step_ms
+    from clip_qlora.jobs.profile import median_step_ms
 
     device = ctx["device"]
     step, batches = st["step"], st["batches"]
@@ -471,7 +471,7 @@ def profile_graph(method: str, st: dict, args, ctx) -> dict:
     if not kernels and device.startswith("cuda") and st["mode"] != "eager":
         # no records from the graph's kernels: profile eager steps instead (same kernels, but launched one by
         # one, so the busy/idle figures describe the eager step, not the graph)
-        from clip_qlora.train import optimizer_step
+        from clip_qlora.jobs.train import optimizer_step
         log(f"{method}: no kernel records from graph replays; profiling eager steps instead")
         seed_e = [25_000]
 
@@ -525,7 +525,7 @@ def eager_analysis(method: str, st: dict, args, ctx) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
-    from clip_qlora.train import optimizer_step
+    from clip_qlora.jobs.train import optimizer_step
 
     device, run, batches = ctx["device"], st["run"], st["batches"]
     res = {}
@@ -671,7 +671,7 @@ def nf4_micro(st: dict, dims: dict, batch: int, ctx) -> dict:
     import torch
     import torch.nn.functional as F
     import bitsandbytes as bnb
-    from clip_qlora.model import block_linears
+    from clip_qlora.core.model import block_linears
 
     device, dtype = ctx["device"], ctx["dtype"]
     timer = Timer(device)
@@ -710,8 +710,8 @@ def compile_variant(method: str, st: dict, args, ctx) -> dict:
     """Each transformer block's forward compiled; the project's graph step re-captured around it."""
     import torch
     import open_clip.transformer as oct
-    from clip_qlora.profile import median_step_ms
-    from clip_qlora.train import _load_optimizer_in_place, make_step, optimizer_step
+    from clip_qlora.jobs.profile import median_step_ms
+    from clip_qlora.jobs.train import _load_optimizer_in_place, make_step, optimizer_step
 
     device, run, batches, params = ctx["device"], st["run"], st["batches"], ctx["params"]
     import torch._dynamo
@@ -979,8 +979,8 @@ def main(argv=None) -> int:
     import torch
     import yaml
     from clip_qlora import config
-    from clip_qlora.base import resolve_device, resolve_dtype
-    from clip_qlora.model import register_configs
+    from clip_qlora.core.base import resolve_device, resolve_dtype
+    from clip_qlora.core.model import register_configs
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -79,7 +79,7 @@ def project_dir(dest: Path, dataset: str, seeds: list[int], methods: list[str], 
                 iterations: int) -> None:
     import yaml
 
-    from clip_qlora.demo import prepare_dir
+    from tools.demo import prepare_dir
 
     over = {"datasets": [dataset], "methods": methods, "data": {"seeds": seeds, "root": "data/raw"},
             "model": {"arch": arch, "pretrained": "none", "device": device},
@@ -93,14 +93,14 @@ def project_dir(dest: Path, dataset: str, seeds: list[int], methods: list[str], 
 def timed_repro(dest: Path, targets: list[str], log, partial=lambda walls: None, warm: bool = True) -> dict[str, float]:
     """Run `dvc repro targets`, timestamping each 'Running stage' line: {stage: wall seconds}.
 
-    warm: under `python -m clip_qlora.warm` as `make run` runs it (each stage a fork of one process that has
+    warm: under `python -m clip_qlora.runtime.warm` as `make run` runs it (each stage a fork of one process that has
     the libraries imported); else plain `dvc repro`, every stage a fresh process.
     `partial(walls)` is called as each stage ends, so a run cut off by its time limit keeps what it measured."""
     env = {**os.environ, "PYTHONPATH": f"{dest / 'src'}{os.pathsep}{dest}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = ["dvc", "repro", *targets]
     if warm:
-        cmd = [sys.executable, "-m", "clip_qlora.warm", "--", *cmd]
+        cmd = [sys.executable, "-m", "clip_qlora.runtime.warm", "--", *cmd]
     proc = subprocess.Popen(cmd, cwd=dest, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     walls, current, started = {}, None, time.perf_counter()
@@ -127,7 +127,7 @@ def startup_probe(dest: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": f"{dest / 'src'}{os.pathsep}{dest}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = {}
     for key, cmd in (("stages_help", [sys.executable, "-m", "stages", "--help"]),
-                     ("import_train", [sys.executable, "-c", "import clip_qlora.train"])):
+                     ("import_train", [sys.executable, "-c", "import clip_qlora.jobs.train"])):
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=dest, env=env, capture_output=True, check=True)
         out[key] = time.perf_counter() - t0
@@ -225,7 +225,7 @@ def main() -> None:
     result = {"dataset": a.dataset, "warm": not a.cold, "seeds": a.seeds, "methods": a.methods, "real_size": REAL[a.dataset],
               "make_dataset_seconds": time.perf_counter() - t0, "startup": startup_probe(dest)}
     (a.out / "study.json").write_text(json.dumps(result, indent=2))
-    from clip_qlora.backends import METHODS
+    from clip_qlora.core.backends import METHODS
 
     bases = dict.fromkeys(METHODS[m].base for m in a.methods)
     targets = [] if a.only_zeroshot else [f"evaluate@{m}-{a.dataset}" for m in a.methods]

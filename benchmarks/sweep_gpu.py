@@ -43,7 +43,7 @@ def machine() -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from clip_qlora.io import versions
+    from clip_qlora.runtime.io import versions
 
     n = torch.cuda.device_count()
     return {"date": datetime.date.today().isoformat(), "gpus_visible": n,

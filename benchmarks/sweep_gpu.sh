@@ -3,7 +3,7 @@
 # every GPU of the machine (dvc queue start --jobs N, each stage process claiming a free GPU through
 # model.device: auto), then the same grid on GPU 0 alone (CUDA_VISIBLE_DEVICES=0, --jobs 1). Each run gets a
 # fresh copy of the project (its own DVC cache and run-cache, so the second cannot restore the first's
-# results), whose baseline (prepare, quantize) is built before the clock starts (clip_qlora/sweep.py).
+# results), whose baseline (prepare, quantize) is built before the clock starts (tools/sweep.py).
 #
 # Usage, from the project root on a machine with several GPUs:
 #   benchmarks/sweep_gpu.sh multi      # all GPUs
@@ -11,7 +11,7 @@
 #   benchmarks/sweep_gpu.sh both       # both, one after the other
 #   benchmarks/sweep_gpu.sh report     # CPU is fine: the table from the two runs' JSON in $OUT
 # Results in ${OUT:-benchmarks/results/sweep} (flat: the device tool returns at most 8 files):
-#   sweep-<mode>.json  clip_qlora.sweep's summary (wall time, states, each stage's GPU claim) + machine facts
+#   sweep-<mode>.json  tools.sweep's summary (wall time, states, each stage's GPU claim) + machine facts
 #                      + what nvidia-smi saw (processes per GPU; any process on two GPUs)
 #   sweep-<mode>.log   the sweep's output;  sweep-<mode>-apps.txt  nvidia-smi's compute processes each second
 #   sweep.md           the table (report; also written by `both`)
@@ -87,7 +87,7 @@ one() {  # one() MODE JOBS [CUDA_VISIBLE_DEVICES]
   echo "== sweep $m: --jobs $jobs${3:+, CUDA_VISIBLE_DEVICES=$3}, $OMP_NUM_THREADS threads each"
   sample > "$out/sweep-$m-apps.txt" & sampler=$!
   ( if [ -n "${3:-}" ]; then export CUDA_VISIBLE_DEVICES=$3; fi
-    "$py" -m clip_qlora.sweep "$here" "$work/$m" --jobs "$jobs" --overrides "$overrides" "${grid[@]}" \
+    "$py" -m tools.sweep "$here" "$work/$m" --jobs "$jobs" --overrides "$overrides" "${grid[@]}" \
       --summary "$out/sweep-$m.json" ) 2>&1 | tee "$out/sweep-$m.log" || rc=$?
   kill "$sampler" 2>/dev/null || true
   wait "$sampler" 2>/dev/null || true

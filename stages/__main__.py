@@ -3,7 +3,7 @@ import os
 import sys
 
 if os.environ.get("CLIP_QLORA_WARM"):  # run in a fork of the warm server, which has the libraries loaded
-    from clip_qlora import warm
+    from clip_qlora.runtime import warm
 
     served = warm.forward()
     if served is not None:

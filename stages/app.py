@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from clip_qlora.backends import BACKENDS, METHODS
+from clip_qlora.core.backends import BACKENDS, METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="clip-qlora pipeline stages. Each reads params.yaml and writes only its declared outputs.")
@@ -40,7 +40,7 @@ def stage(fn, oom_advice: str = TRAINING_OOM):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        from clip_qlora.io import UserError
+        from clip_qlora.runtime.io import UserError
 
         try:
             return fn(*args, **kwargs)

@@ -11,7 +11,7 @@ def scale(arch: str = typer.Option(..., help="an architecture of scale.archs, e.
           params: Path = ParamsOpt, debug: bool = DebugOpt):
     """Memory and step time of every method on one architecture (random weights), for each scale.batches."""
     from clip_qlora import config
-    from clip_qlora import scale as study
+    from clip_qlora.jobs import scale as study
 
     p = config.load(params)
     config.require_member("arch", arch, p.scale.archs)

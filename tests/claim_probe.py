@@ -1,4 +1,4 @@
-"""A stand-in for a stage process: claim a GPU with the real clip_qlora.gpu_claim, hold it, log what happened.
+"""A stand-in for a stage process: claim a GPU with the real clip_qlora.runtime.gpu_claim, hold it, log what happened.
 
 Used by tests/test_gpu_claim.py as a plain subprocess and as the single stage of a tiny DVC project run
 through the experiment queue. Every event is one JSON line appended to $CLAIM_PROBE_LOG (small O_APPEND
@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from clip_qlora import gpu_claim
-from clip_qlora.io import UserError
+from clip_qlora.runtime import gpu_claim
+from clip_qlora.runtime.io import UserError
 
 LOG = Path(os.environ["CLAIM_PROBE_LOG"])
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from clip_qlora.demo import merge
+from tools.demo import merge
 
 REPO = Path(__file__).resolve().parents[1]
 

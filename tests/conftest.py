@@ -6,8 +6,9 @@ import logging
 import pytest
 import torch
 
-from clip_qlora import backends, config
-from clip_qlora.base import make_base, save_base
+from clip_qlora.core import backends
+from clip_qlora import config
+from clip_qlora.core.base import make_base, save_base
 
 # The shipped architecture with random weights, everything else as params.yaml has it (the one home of values).
 TINY = {"datasets": ["shapes"], "model.arch": "clip-tiny", "model.pretrained": "none"}

@@ -7,7 +7,7 @@ run when the stage does), plus the package `__init__.py` of each. Only imports o
 files (model_configs/*.json) are not imports and are listed in dvc.yaml by hand.
 
 One import is dynamic: `backends.get(name)` imports `backends/<name>.py`. A module that takes the `backends`
-package itself (`from clip_qlora import backends`, `import clip_qlora.backends`, `from .backends import get`)
+package itself (`from clip_qlora import backends`, `import clip_qlora.core.backends`, `from .backends import get`)
 can call it, so it reaches every backend of `backends.BACKENDS`, except in a stage instance whose foreach key
 is a base (quantize@nf4), which runs only that backend. A module that takes only names from it (`from
 .backends import METHODS`, the method table) reaches just the package.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from clip_qlora.backends import BACKENDS
+from clip_qlora.core.backends import BACKENDS
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"clip_qlora": Path("src/clip_qlora"), "stages": Path("stages")}  # package -> folder, repo-relative
@@ -60,7 +60,7 @@ def imports_of(path: Path, repo: Path = REPO) -> frozenset[str]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 found.add(alias.name)
-                if alias.name == "clip_qlora.backends":
+                if alias.name == "clip_qlora.core.backends":
                     found.add(GET_BACKEND)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -74,7 +74,7 @@ def imports_of(path: Path, repo: Path = REPO) -> frozenset[str]:
                 sub = f"{source}.{alias.name}"
                 if module_file(sub, repo) is not None:
                     found.add(sub)  # `from pkg import module`
-                if sub == "clip_qlora.backends" or (source == "clip_qlora.backends" and alias.name == "get"):
+                if sub == "clip_qlora.core.backends" or (source == "clip_qlora.core.backends" and alias.name == "get"):
                     found.add(GET_BACKEND)
     return frozenset(found)
 
@@ -91,7 +91,7 @@ def _closure(entry: str, backends: tuple[str, ...], repo: Path) -> frozenset[Pat
     while todo:
         name = todo.pop()
         if name == GET_BACKEND:
-            todo += [f"clip_qlora.backends.{b}" for b in backends]
+            todo += [f"clip_qlora.core.backends.{b}" for b in backends]
             continue
         parts = name.split(".")
         for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from clip_qlora.io import UserError
+from clip_qlora.runtime.io import UserError
 
 
 def pid() -> int:

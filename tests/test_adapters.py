@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from clip_qlora import adapters as ad
-from clip_qlora.base import load_base
-from clip_qlora.model import encode_image
+from clip_qlora.core import adapters as ad
+from clip_qlora.core.base import load_base
+from clip_qlora.core.model import encode_image
 
 
 def lora(**kw):

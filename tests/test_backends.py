@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_qlora import backends
-from clip_qlora.backends import bf16
+from clip_qlora.core import backends
+from clip_qlora.core.backends import bf16
 
 from cli_helpers import demo_params, invoke, project
 
 
 def _half_backend() -> types.ModuleType:
     """Stores the block Linears as bf16 does, and records that each entry point was called."""
-    mod = types.ModuleType("clip_qlora.backends.half")
+    mod = types.ModuleType("clip_qlora.core.backends.half")
     mod.calls = []
 
     def settings(params):
@@ -48,9 +48,9 @@ def _half_backend() -> types.ModuleType:
 
 @pytest.fixture
 def half(monkeypatch):
-    """The module, importable as clip_qlora.backends.half, and its one line: register("half", "hlora", ...)."""
+    """The module, importable as clip_qlora.core.backends.half, and its one line: register("half", "hlora", ...)."""
     mod = _half_backend()
-    monkeypatch.setitem(sys.modules, "clip_qlora.backends.half", mod)
+    monkeypatch.setitem(sys.modules, "clip_qlora.core.backends.half", mod)
     saved = dict(backends.BACKENDS), dict(backends.METHODS)
     backends.register("half", "hlora", "Half-LoRA")
     yield mod
@@ -60,7 +60,7 @@ def half(monkeypatch):
 
 
 def test_a_registered_backend_is_used_end_to_end(half, tmp_path):
-    from clip_qlora.train import build_run, optimizer_step
+    from clip_qlora.jobs.train import build_run, optimizer_step
 
     assert backends.METHODS["hlora_gc"] == backends.Method("half", True, "Half-LoRA + GC")
     params = demo_params({"methods": ["lora", "hlora", "hlora_gc"]})

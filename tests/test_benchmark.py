@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from clip_qlora import backends
+from clip_qlora.core import backends
 
 from cli_helpers import load_benchmark
 

@@ -20,7 +20,7 @@ from clip_qlora.data.images import RATIO, SCALE, TrainImages, augment, crop_para
 from clip_qlora.data.digest import digest_path, images_digest, listed_images, split_digests, write_digests
 from clip_qlora.data.registry import DATASETS, DatasetSpec
 from clip_qlora.data.splits import class_prompts, load_split, prepare_split, write_split
-from clip_qlora.io import UserError
+from clip_qlora.runtime.io import UserError
 
 from data_fixtures import (CLASSNAMES, LAYOUTS, N_TEST, TRAIN_COUNTS, build, hash_key, root_path, truncate,
                            write_image)

@@ -2,7 +2,7 @@
 Git repository where DVC's experiment commands work; a user's params.yaml is kept; stopping the demo leaves
 nothing running.
 
-A stand-in project (the real code, a one-stage dvc.yaml) keeps each `python -m clip_qlora.demo` to seconds:
+A stand-in project (the real code, a one-stage dvc.yaml) keeps each `python -m tools.demo` to seconds:
 what is tested is how the demo makes and runs its folder, not the pipeline (tests/test_pipeline.py).
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 import yaml
 from proc_helpers import assert_all_gone, process_tree
 
-from clip_qlora import warm
-from clip_qlora.demo import DEMO_THREADS, committed, env_for
+from clip_qlora.runtime import warm
+from tools.demo import DEMO_THREADS, committed, env_for
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -65,7 +65,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def demo(project: Path, dest: Path, env: dict | None = None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "clip_qlora.demo", str(project), str(dest)],
+    return subprocess.Popen([sys.executable, "-m", "tools.demo", str(project), str(dest)],
                             env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -1,10 +1,10 @@
 """dvc.yaml against the code: each stage's code deps are its import closure, and the foreach lists DVC cannot
-import from Python (quantize's bases, the loss plot's methods) agree with clip_qlora.backends."""
+import from Python (quantize's bases, the loss plot's methods) agree with clip_qlora.core.backends."""
 from __future__ import annotations
 
 import copy
 
-from clip_qlora.backends import BACKENDS, METHODS
+from clip_qlora.core.backends import BACKENDS, METHODS
 
 from import_closure import REPO, closure, code_dep_problems, load_pipeline, stage_instances
 
@@ -28,9 +28,9 @@ def test_a_removed_dependency_is_named():
     (evaluate -> pipeline/__init__), only inside a function (prepare: the shapes generator, imported when the
     dataset is drawn) and only through backends.get (train -> backends/nf4.py)."""
     dvc, params = load_pipeline()
-    cases = [("evaluate", "src/clip_qlora/pipeline/__init__.py", "clip_qlora.pipeline"),
+    cases = [("evaluate", "src/clip_qlora/paths.py", "clip_qlora.paths"),
              ("prepare", "src/clip_qlora/data/synthetic.py", "clip_qlora.data.synthetic"),
-             ("train", "src/clip_qlora/backends/nf4.py", "clip_qlora.backends.nf4")]
+             ("train", "src/clip_qlora/core/backends/nf4.py", "clip_qlora.core.backends.nf4")]
     for stage, dep, module in cases:
         problems = code_dep_problems(_without(dvc, stage, dep), params)
         assert problems, (stage, dep)
@@ -42,8 +42,8 @@ def test_an_extra_dependency_is_named():
     """Deps are exactly the code: a module the stage never imports is reported too."""
     dvc, params = load_pipeline()
     dvc = copy.deepcopy(dvc)
-    dvc["stages"]["aggregate"]["deps"].append("src/clip_qlora/train.py")
-    assert code_dep_problems(dvc, params) == ["aggregate: lists src/clip_qlora/train.py but does not import it"]
+    dvc["stages"]["aggregate"]["deps"].append("src/clip_qlora/jobs/train.py")
+    assert code_dep_problems(dvc, params) == ["aggregate: lists src/clip_qlora/jobs/train.py but does not import it"]
 
 
 def test_closure_follows_lazy_imports_and_pins_the_quantized_base():
@@ -54,7 +54,7 @@ def test_closure_follows_lazy_imports_and_pins_the_quantized_base():
     assert Path("src/clip_qlora/data/images.py") not in prepare  # torch: prepare never imports it
     for base in BACKENDS:
         files = closure("stages.quantize", [base])
-        assert {p.stem for p in files if p.parent == Path("src/clip_qlora/backends")} == {"__init__", base}
+        assert {p.stem for p in files if p.parent == Path("src/clip_qlora/core/backends")} == {"__init__", base}
 
 
 def test_quantize_bases_and_pointers_agree_with_backends():
@@ -106,7 +106,7 @@ def test_train_and_evaluate_depend_on_the_digests_of_the_images_they_read():
     """prepare writes the split and its two image digests where clip_qlora.data.digest says; train depends on
     the train digest only, evaluate on the test digest only (each also on the split itself)."""
     from clip_qlora.data.digest import PARTS, digest_path
-    from clip_qlora.pipeline import split_path
+    from clip_qlora.paths import split_path
 
     dvc, params = load_pipeline()
     stages = stage_instances(dvc, params)

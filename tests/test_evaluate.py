@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from clip_qlora import adapters as ad
-from clip_qlora import evaluate as E
-from clip_qlora import scoring as S
-from clip_qlora.base import load_base, make_base, save_base
-from clip_qlora.model import TextTokens, cosine_logits, encode_image, unit
-from clip_qlora.train import build_run
+from clip_qlora.core import adapters as ad
+from clip_qlora.jobs import evaluate as E
+from clip_qlora.core import scoring as S
+from clip_qlora.core.base import load_base, make_base, save_base
+from clip_qlora.core.model import TextTokens, cosine_logits, encode_image, unit
+from clip_qlora.jobs.train import build_run
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
 from conftest import NF4  # noqa: E402  (the study's NF4 settings)
@@ -229,7 +229,7 @@ def test_the_gpu_check_of_the_evaluation_input_runs_on_the_cpu(tmp_path):
 def test_the_fast_path_is_a_listed_deviation_and_the_default_is_not():
     from clip_qlora import config
     from clip_qlora import protocol as P
-    from clip_qlora.io import UserError
+    from clip_qlora.runtime.io import UserError
 
     record = P.record(config.load_with(), {"draw": "clip_lora"},
                       {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bfloat16"})
@@ -239,8 +239,8 @@ def test_the_fast_path_is_a_listed_deviation_and_the_default_is_not():
     assert P.with_evaluation(record, None) == record  # metrics from before the key: nothing claimed
 
     # the report's section takes it from each evaluate stage's metrics (the train stage does not read eval.*)
-    from clip_qlora.report_inputs import Inputs
-    from clip_qlora.report_md import protocol_section
+    from clip_qlora.report.inputs import Inputs
+    from clip_qlora.report.markdown import protocol_section
 
     inp = Inputs(["lora", "qlora"], ["dtd"], train={(m, "dtd"): {"protocol": record} for m in ("lora", "qlora")},
                  eval={("lora", "dtd"): {"eval_decode": "reference"}, ("qlora", "dtd"): {"eval_decode": "fast"}})

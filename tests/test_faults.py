@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import clip_qlora.adapters as adapters_mod
-import clip_qlora.train as train_mod
+import clip_qlora.core.adapters as adapters_mod
+import clip_qlora.jobs.train as train_mod
 from clip_qlora import config
-from clip_qlora.pipeline.train import train as train_stage
-from clip_qlora.io import UserError, atomic_dir, atomic_path, write_json
-from clip_qlora.train import build_run, load_checkpoint, save_checkpoint
+from clip_qlora.jobs.train_stage import train as train_stage
+from clip_qlora.runtime.io import UserError, atomic_dir, atomic_path, write_json
+from clip_qlora.jobs.train import build_run, load_checkpoint, save_checkpoint
 
 from cli_helpers import demo_params, invoke, project, single_thread, stderr_lines, all_files, write_params
 from data_fixtures import truncate
@@ -251,8 +251,8 @@ def _torch_save_native():
                          ids=["oserror", "safetensors", "torch-chained", "torch-native"])
 def test_full_disk_while_saving_a_base_is_one_line_and_keeps_the_previous(saved_bases, tmp_path, monkeypatch, fail):
     """save_base (quantize) and the checkpoint's atomic_path: one line naming the output, nothing half-written."""
-    import clip_qlora.base as base_mod
-    from clip_qlora.base import read_base, save_base
+    import clip_qlora.core.base as base_mod
+    from clip_qlora.core.base import read_base, save_base
 
     out = tmp_path / "models" / "bf16"
     shutil.copytree(saved_bases["bf16"], out)
@@ -330,7 +330,7 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
 def test_outputs_get_the_umask_modes(tmp_path, saved_bases):
     """safetensors writes 0600 files and mkstemp/mkdtemp make 0600/0700: outputs are ordinary files, as the umask
     says (0644 and 0755 under the usual 022)."""
-    from clip_qlora.base import load_base, save_base
+    from clip_qlora.core.base import load_base, save_base
 
     model, meta = load_base(saved_bases["bf16"], "cpu")
     for umask, file_mode, dir_mode in [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]:
@@ -353,7 +353,7 @@ def test_outputs_get_the_umask_modes(tmp_path, saved_bases):
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "base.json"])
 def test_truncated_base_names_the_file_and_the_stage(saved_bases, tmp_path, damaged):
-    from clip_qlora.base import read_base
+    from clip_qlora.core.base import read_base
 
     out = tmp_path / "models" / "nf4"
     shutil.copytree(saved_bases["nf4"], out)
@@ -528,7 +528,7 @@ def _oom(*args, **kwargs):
     ("quantize", ("quantize", "--base", "nf4")),
 ])
 def test_cuda_oom_exits_3_with_advice(runs, tmp_path, monkeypatch, target, args):
-    stage_module = importlib.import_module(f"clip_qlora.pipeline.{target}")
+    stage_module = importlib.import_module(f"clip_qlora.paths.{target}")
     monkeypatch.setattr(stage_module, target, _oom)
     for part in ("data", "models", "adapters"):  # the inputs each stage checks before it runs
         shutil.copytree(runs[0] / part, tmp_path / part)

@@ -1,4 +1,4 @@
-"""GPU claim (clip_qlora.gpu_claim): one GPU per process, waiting when all are held, released on death.
+"""GPU claim (clip_qlora.runtime.gpu_claim): one GPU per process, waiting when all are held, released on death.
 
 Simulated GPUs (CLIP_QLORA_FAKE_GPUS) and a lock folder per test; holders are real processes
 (tests/claim_probe.py) so the locks are exactly those separate stage processes would take.
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_qlora import base, gpu_claim
-from clip_qlora.io import UserError
+from clip_qlora.core import base
+from clip_qlora.runtime import gpu_claim
+from clip_qlora.runtime.io import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "claim_probe.py"

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from clip_qlora.backends import METHODS
+from clip_qlora.core.backends import METHODS
 
 from cli_helpers import ENV, demo_params, write_params
 
@@ -109,9 +109,9 @@ def test_bitsandbytes_hub_kernel_notice_is_not_shown():
     Both interpreters at once: each spends its time importing torch."""
     procs = {target: subprocess.Popen([sys.executable, "-c", BNB_PROBE.format(target=target)], env=ENV,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for target in ("bitsandbytes", "clip_qlora.backends.nf4")}
+             for target in ("bitsandbytes", "clip_qlora.core.backends.nf4")}
     out = {target: proc.communicate(timeout=300) + (proc.returncode,) for target, proc in procs.items()}
     for target, (stdout, stderr, rc) in out.items():
         assert rc == 0 and stdout.strip() == "imported", (target, stderr)
     assert NOTICE in out["bitsandbytes"][1], out["bitsandbytes"][1]
-    assert out["clip_qlora.backends.nf4"][1].strip() == "", out["clip_qlora.backends.nf4"][1]
+    assert out["clip_qlora.core.backends.nf4"][1].strip() == "", out["clip_qlora.core.backends.nf4"][1]

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip_qlora.base import make_base
-from clip_qlora.blocks import restore_blocks
-from clip_qlora.memory import SavedActivations, frozen_weight_bytes, trainable_bytes, unique_bytes
-from clip_qlora.model import block_linears
-from clip_qlora.train import loss_on, optimizer_step, run_on_model
+from clip_qlora.core.base import make_base
+from clip_qlora.core.blocks import restore_blocks
+from clip_qlora.core.memory import SavedActivations, frozen_weight_bytes, trainable_bytes, unique_bytes
+from clip_qlora.core.model import block_linears
+from clip_qlora.jobs.train import loss_on, optimizer_step, run_on_model
 
 from conftest import NF4, TINY
 
@@ -85,7 +85,7 @@ def test_vit_b16_checkpointing_and_quantization_cut_saved_activations(vit_b16_ru
 
 
 def test_trainable_state_bytes(saved_bases, tiny_params):
-    from clip_qlora.base import load_base
+    from clip_qlora.core.base import load_base
 
     model, meta = load_base(saved_bases["bf16"], "cpu")
     run = run_on_model(model, meta, tiny_params, "lora", PROMPTS, "cpu", 10)
@@ -103,7 +103,7 @@ def test_trainable_state_bytes(saved_bases, tiny_params):
 def test_saved_activations_under_accumulation_are_one_micro_batch(saved_bases, tiny_params, method):
     """Each micro-batch's saved tensors are freed by its backward: a 2x4 step needs what a 2x1 step needs
     (text tower once, plus one micro-batch), not four micro-batches' worth, and the same in both arms."""
-    from clip_qlora.train import build_run
+    from clip_qlora.jobs.train import build_run
 
     images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(8) % len(PROMPTS)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from clip_qlora.model import create_clip
+from clip_qlora.core.model import create_clip
 
 
 def test_random_weights_are_announced_once_per_build(caplog):

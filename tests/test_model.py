@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from clip_qlora import model as M
-from clip_qlora.base import make_base
-from clip_qlora.io import UserError
+from clip_qlora.core import model as M
+from clip_qlora.core.base import make_base
+from clip_qlora.runtime.io import UserError
 
 PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "x", "a photo of a very, very long name."]
 
@@ -131,7 +131,7 @@ def test_local_checkpoint_needs_an_explicit_activation(tmp_path):
 
 @pytest.mark.parametrize("setting", [True, False])
 def test_activation_is_built_in_every_block_and_survives_a_reload(tmp_path, setting):
-    from clip_qlora.base import load_base, save_base
+    from clip_qlora.core.base import load_base, save_base
 
     model, meta = make_base("clip-tiny", "none", "nf4", {"type": "nf4", "double_quant": True, "blocksize": 64,
                                                          "expand_absmax": True},
@@ -158,7 +158,7 @@ def test_the_two_activations_compute_different_functions():
 
 def test_architectures_read_without_open_clip_are_open_clips():
     """config checks model.arch from the config files (no torch); the names and configs are open_clip's own."""
-    from clip_qlora import archs
+    from clip_qlora.core import archs
 
     M.register_configs()
     assert list(archs.configs()) and set(archs.configs()) == set(open_clip.list_models())

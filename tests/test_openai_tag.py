@@ -59,7 +59,7 @@ def test_openai_tag_builds_quick_gelu_in_every_block(tmp_path):
     w = state["visual.transformer.resblocks.3.attn.in_proj_weight"]
     assert torch.equal(saved["visual.transformer.resblocks.3.attn.q_proj.weight"], w[: w.shape[1]].bfloat16())
 
-    from clip_qlora.base import load_base
+    from clip_qlora.core.base import load_base
 
     model, _ = load_base(proj / "models/bf16", "cpu")
     for tower in (model.visual, model):

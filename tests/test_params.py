@@ -18,7 +18,7 @@ import pytest
 
 from clip_qlora import config
 from clip_qlora.data.splits import load_split, prepare_split, write_split
-from clip_qlora.io import UserError
+from clip_qlora.runtime.io import UserError
 
 from cli_helpers import (DELETE, ENV, all_files, demo_params, invoke, project, set_key, start_stage, stderr_lines,
                          write_params)

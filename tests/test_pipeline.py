@@ -8,7 +8,7 @@ runs; each check is its own test.
 Cost: a cold stage is a fresh Python process spending ~10 s of CPU importing torch, open_clip, peft and
 bitsandbytes, so the budget is counted in stage processes, not training steps (those are made negligible:
 1 seed, 1 shot, 1 step, a tiny profile, one scale architecture). The first `dvc repro` runs its 19 stages
-warm, as `make run` does (forks of one server that imported the libraries once: clip_qlora.warm); the stages
+warm, as `make run` does (forks of one server that imported the libraries once: clip_qlora.runtime.warm); the stages
 run later are cold: 1 for `dvc repro quantize@nf4` with quant.expand_absmax off (a setting that leaves the
 stored tensors alone must still reach the qlora side, through the method pointers), 1 for `dvc exp run -S
 quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what each makes stale is read from `dvc status`),
@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clip_qlora.backends import METHODS as METHOD_TABLE
-from clip_qlora.demo import merge  # how `make demo` lays configs/demo.yaml over params.yaml
+from clip_qlora.core.backends import METHODS as METHOD_TABLE
+from tools.demo import merge  # how `make demo` lays configs/demo.yaml over params.yaml
 
 pytestmark = pytest.mark.slow
 
@@ -188,9 +188,9 @@ def make_repo(dest: Path) -> Repo:
 def pipeline(tmp_path_factory):
     """First `dvc repro`, then a second one; committed so experiments have a baseline."""
     repo = make_repo(tmp_path_factory.mktemp("pipeline"))
-    # as `make run` does: every stage a fork of one warm server (clip_qlora.warm); the stages run by hand
+    # as `make run` does: every stage a fork of one warm server (clip_qlora.runtime.warm); the stages run by hand
     # below run cold and must write the same
-    first = repo.run(sys.executable, "-m", "clip_qlora.warm", "--", str(BIN / "dvc"), "repro", check=False)
+    first = repo.run(sys.executable, "-m", "clip_qlora.runtime.warm", "--", str(BIN / "dvc"), "repro", check=False)
     state = {"repo": repo, "first": first.stdout + first.stderr, "ok": first.returncode == 0}
     if not state["ok"]:  # the output checks still run on what was written; the rest fail on `good`
         return state
@@ -426,7 +426,7 @@ def test_summary(pipeline):
 
 
 def test_report_and_plots(pipeline):
-    from clip_qlora.report_md import RANDOM_INIT_BANNER
+    from clip_qlora.report.markdown import RANDOM_INIT_BANNER
 
     root = pipeline["repo"].root
     assert RANDOM_INIT_BANNER in (root / "reports" / "results.md").read_text()

@@ -1,5 +1,5 @@
 """`dvc plots show/diff` pages render offline: the project's .dvc/config points DVC at an HTML template that
-carries vega, vega-lite and vega-embed inline (src/clip_qlora/vega/), where DVC's own page loads them from a CDN.
+carries vega, vega-lite and vega-embed inline (src/clip_qlora/report/vega/), where DVC's own page loads them from a CDN.
 
 Checked in a real headless browser (Debian's chromium; .ci/run installs it) with every host name unresolvable,
 on a DVC project laid out as runs/demo is (a copy of src/ beside .dvc/), through the config alone.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clip_qlora.demo import configure_dvc
+from tools.demo import configure_dvc
 
 from cli_helpers import ENV, REPO
 

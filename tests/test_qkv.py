@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clip_qlora import qkv
-from clip_qlora.model import SplitAttention, layernorms_in_compute_dtype
-from clip_qlora.train import build_run, loss_on, optimizer_step
+from clip_qlora.core import qkv
+from clip_qlora.core.model import SplitAttention, layernorms_in_compute_dtype
+from clip_qlora.jobs.train import build_run, loss_on, optimizer_step
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
 
@@ -67,7 +67,7 @@ def test_fused_step_gives_pefts_loss_and_gradients(saved_bases, tiny_params, met
 def test_fused_training_keeps_pefts_rank_and_format(saved_bases, tiny_params, tmp_path):
     """The trained parameters stay PEFT's rank-r tensors (padding lives only inside the function), a few
     optimizer steps train the same adapters, and what is saved loads as a rank-r PEFT adapter."""
-    from clip_qlora import adapters as ad
+    from clip_qlora.core import adapters as ad
 
     runs = [_run(saved_bases, tiny_params, "lora", f) for f in (False, True)]
     x, y = _batch(runs[0])
@@ -135,7 +135,7 @@ def test_fused_function_sees_the_compute_dtype_in_both_arms(tmp_path, tiny_param
     4-bit arm alike (as PEFT's modules are, tests/test_train_core.py)."""
     from conftest import NF4
 
-    from clip_qlora.base import make_base, save_base
+    from clip_qlora.core.base import make_base, save_base
 
     seen = {}
     original = qkv._QKV.forward

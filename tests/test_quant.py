@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_qlora.base import load_base, make_base, save_base
-from clip_qlora.memory import frozen_weight_bytes
-from clip_qlora.model import TextTokens, block_linears, encode_image, encode_text
+from clip_qlora.core.base import load_base, make_base, save_base
+from clip_qlora.core.memory import frozen_weight_bytes
+from clip_qlora.core.model import TextTokens, block_linears, encode_image, encode_text
 
 from conftest import NF4
 
@@ -70,7 +70,7 @@ def test_reload_matches_the_model_that_was_saved(tmp_path):
 
 
 def test_expanded_absmax_gives_the_same_forward_and_backward_for_exact_bytes(saved_bases):
-    from clip_qlora.backends import nf4
+    from clip_qlora.core.backends import nf4
 
     nested, _ = load_base(saved_bases["nf4"], "cpu")
     expanded, _ = load_base(saved_bases["nf4"], "cpu")

@@ -1,5 +1,5 @@
 """DVC's experiment queue as the sweep runner, on CPU: the real `dvc exp run --queue` / `dvc queue start --jobs`
-with a one-stage project whose stage claims a simulated GPU through clip_qlora.gpu_claim
+with a one-stage project whose stage claims a simulated GPU through clip_qlora.runtime.gpu_claim
 (tests/claim_probe.py), so a run takes seconds; experiments shared between two clones through
 `dvc exp push` / `dvc exp pull`; and the stage entry point importing its own copy of the code.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clip_qlora import gpu_claim
+from clip_qlora.runtime import gpu_claim
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -187,7 +187,7 @@ def test_stage_entry_point_imports_the_code_beside_it(tmp_path):
 
 
 def test_sweep_reads_queue_status_and_claims():
-    from clip_qlora.sweep import claims_in_log, queue_tasks
+    from tools.sweep import claims_in_log, queue_tasks
 
     status = ("Task     Name        Created    Status\n"
               "674f9b3  tarot-kind  03:12 PM   Success\n"
@@ -196,12 +196,12 @@ def test_sweep_reads_queue_status_and_claims():
               "Worker status: 0 active, 1 idle\n")
     assert queue_tasks(status) == {"tarot-kind": "Success", "waspy-bosk": "Failed", "gusty-lamb": "Queued"}
     log = ("Running stage 'train@lora-shapes':\n> python -m stages train --method lora --dataset shapes\n"
-           "GPU claim: GPU 1 (GPU-5e2a) for pid 4242\nWARNING clip_qlora.model: GPU claim: not a claim\n")
+           "GPU claim: GPU 1 (GPU-5e2a) for pid 4242\nWARNING clip_qlora.core.model: GPU claim: not a claim\n")
     assert claims_in_log(log) == ["GPU claim: GPU 1 (GPU-5e2a) for pid 4242"]
 
 
 def test_sweep_reads_finish_times_of_its_variants():
-    from clip_qlora.sweep import finish_times
+    from tools.sweep import finish_times
 
     def rev(name, ts):
         return {"rev": "abc", "name": name, "data": {"timestamp": ts, "params": {}, "metrics": {}}}
@@ -247,7 +247,7 @@ def test_sigterm_of_the_sweep_stops_its_dvc_command_and_stage(tmp_path):
         f"import os, time\nopen({str(record)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
     stages = {name: {"cmd": "python stages/wait.py"} for name in ("prepare", "quantize")}
     (project / "dvc.yaml").write_text(json.dumps({"stages": stages}))
-    p = subprocess.Popen([sys.executable, "-m", "clip_qlora.sweep", str(project), str(tmp_path / "sweep")],
+    p = subprocess.Popen([sys.executable, "-m", "tools.sweep", str(project), str(tmp_path / "sweep")],
                          env=BASE_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     with process_tree(p, record) as procs:

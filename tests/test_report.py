@@ -1,4 +1,4 @@
-"""Tests of the aggregate stage (clip_qlora.report) on fake per-stage metrics files."""
+"""Tests of the aggregate stage (clip_qlora.report.aggregate) on fake per-stage metrics files."""
 from __future__ import annotations
 
 import io
@@ -13,9 +13,10 @@ import pytest
 import yaml
 from rich.console import Console
 
-from clip_qlora import config, protocol, report
-from clip_qlora.backends import METHODS as METHOD_TABLE
-from clip_qlora.io import UserError
+from clip_qlora import config, protocol
+from clip_qlora.report import aggregate as report
+from clip_qlora.core.backends import METHODS as METHOD_TABLE
+from clip_qlora.runtime.io import UserError
 
 METHODS = list(METHOD_TABLE)
 DATASETS = ["eurosat", "dtd"]
@@ -479,7 +480,7 @@ def test_exp_show_forms_keep_the_swept_params_and_each_methods_figures(tmp_path)
 
     from dulwich import porcelain
 
-    from clip_qlora.sweep import SHOW
+    from tools.sweep import SHOW
     from cli_helpers import ENV
 
     repo = tmp_path / "project"
@@ -522,7 +523,7 @@ def test_readme_links_and_code_paths_are_inside_the_repository():
 
 def test_memory_bars_of_a_small_model_read_apart(tmp_path, monkeypatch):
     """A 2-block model's bases are a few MiB: in GiB to two decimals every bar read 0.01."""
-    from clip_qlora import figures
+    from clip_qlora.report import figures
 
     drawn = []
     monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))

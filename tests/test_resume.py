@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import clip_qlora.train as train_mod
+import clip_qlora.jobs.train as train_mod
 from clip_qlora import config
-from clip_qlora.pipeline.train import train as train_stage
-from clip_qlora.io import UserError
+from clip_qlora.jobs.train_stage import train as train_stage
+from clip_qlora.runtime.io import UserError
 
 from cli_helpers import (demo_params, invoke, project, run_stage, set_key, single_thread, start_stage,
                          all_files, write_params)
@@ -231,7 +231,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, monkeypatch, key,
 
 
 def test_progress_lines_count_from_the_resumed_step_and_show_each_status_once(capsys):
-    from clip_qlora.progress import Bar
+    from clip_qlora.runtime.progress import Bar
 
     bar = Bar(300, "train", done=100)
     for step in bar(range(100, 300)):

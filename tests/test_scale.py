@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clip_qlora import config, scale, scale_report
+from clip_qlora import config
+from clip_qlora.jobs import scale
+from clip_qlora.report import scale as scale_report
 from clip_qlora.config import Params
-from clip_qlora.io import UserError
-from clip_qlora.model import block_linears, build_base
-from clip_qlora.processes import FreshProcesses
-from clip_qlora.random_base import build_on_device, make_random_base, parameter_count
+from clip_qlora.runtime.io import UserError
+from clip_qlora.core.model import block_linears, build_base
+from clip_qlora.runtime.processes import FreshProcesses
+from clip_qlora.core.random_base import build_on_device, make_random_base, parameter_count
 
 from cli_helpers import demo_params, invoke, project, single_thread
 import proc_helpers
@@ -160,7 +162,7 @@ def test_checkpointing_cuts_saved_activations_in_the_record(tiny_record):
 
 def _oom_for(monkeypatch, method: str, spec_micro: int):
     """The training step raises CUDA's out-of-memory error for one method at one micro-batch size."""
-    import clip_qlora.profile as profile
+    import clip_qlora.jobs.profile as profile
 
     real = profile.optimizer_step
 
@@ -198,7 +200,7 @@ def test_out_of_memory_through_the_stage(tmp_path, monkeypatch):
 
 
 def test_other_errors_stop_the_stage_unless_keep_going(monkeypatch):
-    import clip_qlora.profile as profile
+    import clip_qlora.jobs.profile as profile
 
     def broken(run, batches):
         raise RuntimeError("an unrelated failure")
@@ -341,7 +343,7 @@ def test_report_on_cpu_records(tiny_record, tmp_path):
 
 
 def test_scale_memory_figure_off_a_gpu_says_neither_gpu_nor_bf16(tiny_record, tmp_path, monkeypatch):
-    from clip_qlora import scale_figures
+    from clip_qlora.report import scale_figures
 
     _, rec = tiny_record
     (tmp_path / "clip-tiny.json").write_text(json.dumps(rec))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clip_qlora.data.images import TrainImages
-from clip_qlora.train import _accumulate, batch_indices, build_run, loss_on, optimizer_step
+from clip_qlora.jobs.train import _accumulate, batch_indices, build_run, loss_on, optimizer_step
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
 
@@ -132,7 +132,7 @@ def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_pa
     train.fused_qkv is off (tests/test_qkv.py checks the fused path's dtypes)."""
     from conftest import NF4
 
-    from clip_qlora.base import make_base, save_base
+    from clip_qlora.core.base import make_base, save_base
 
     tiny_params.train.fused_qkv = False
     seen = {}
@@ -166,7 +166,7 @@ def test_cublas_workspace_goes_to_torchs_variables(saved_bases, tiny_params, mon
 def test_skipping_pefts_input_cast_keeps_loss_and_grads(tmp_path, tiny_params):
     """Under bf16 autocast the fp32 copy PEFT makes of each adapter input is cast straight back to bf16 for
     the matmul, so dropping it changes no number (dropout off: CPU draws masks per dtype)."""
-    from clip_qlora.base import make_base, save_base
+    from clip_qlora.core.base import make_base, save_base
 
     tiny_params.lora.dropout = 0.0
     model, meta = make_base("clip-tiny", "none", "bf16", None, torch.bfloat16, "cpu")
@@ -191,8 +191,8 @@ def test_skipping_pefts_input_cast_keeps_loss_and_grads(tmp_path, tiny_params):
 def test_precomputed_prompt_embeddings_give_the_same_class_features(saved_bases, tiny_params):
     import torch.nn.functional as F
 
-    from clip_qlora.memory import frozen_weight_bytes
-    from clip_qlora.model import encode_text
+    from clip_qlora.core.memory import frozen_weight_bytes
+    from clip_qlora.core.model import encode_text
 
     tiny_params.lora.dropout = 0.0
     run = _run(saved_bases, tiny_params, "lora")
@@ -248,7 +248,7 @@ def test_resume_fingerprint_ignores_runtime_knobs_only(tiny_params):
     to what training computes (a train.* value, the base's settings) discards it."""
     import copy
 
-    from clip_qlora.train import run_fingerprint
+    from clip_qlora.jobs.train import run_fingerprint
 
     meta = {"arch": "clip-tiny", "base": "nf4", "settings": {"expand_absmax": True}}
     images = TrainImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [(4, 4), (4, 4)], torch.tensor([0, 1]))

@@ -1,4 +1,4 @@
-"""The warm stage server (clip_qlora.warm): a stage forked from it behaves as the same stage run cold.
+"""The warm stage server (clip_qlora.runtime.warm): a stage forked from it behaves as the same stage run cold.
 
 The end-to-end check is tests/test_pipeline.py: its first `dvc repro` runs under the server, as `make run`
 does, and stages run by hand there (cold) write what DVC's warm runs wrote. Here: the protocol itself, with a
@@ -22,7 +22,7 @@ import pytest
 from proc_helpers import assert_all_gone
 from warm_sleeper import CALLER
 
-from clip_qlora import warm
+from clip_qlora.runtime import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), str(TESTS)]),
            "PYTORCH_NVML_BASED_CUDA_CHECK": "1", warm.ENV: path}
     log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "clip_qlora.warm", "--serve", path], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "clip_qlora.runtime.warm", "--serve", path], env=env, cwd=ROOT,
                             stderr=log)
     deadline = time.monotonic() + 60
     while not os.path.exists(path):
@@ -181,7 +181,7 @@ def wrapper_env(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def start_run(tmp_path):
-    """`start_run()`: `python -m clip_qlora.warm -- <DVC stand-in>` with one served stage sleeping; the wrapper
+    """`start_run()`: `python -m clip_qlora.runtime.warm -- <DVC stand-in>` with one served stage sleeping; the wrapper
     leads a process group of its own, as a shell's foreground job does. Returns it, every process of the run
     once the stage runs (wrapper, server, DVC stand-in, caller, forked stage) and the stage's record. Whatever
     a failed test leaves is killed afterwards."""
@@ -200,7 +200,7 @@ def start_run(tmp_path):
 
 def _start_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, list[psutil.Process], dict]:
     record = tmp_path / "rec.json"
-    cmd = [sys.executable, "-m", "clip_qlora.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"), "--as-dvc",
+    cmd = [sys.executable, "-m", "clip_qlora.runtime.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"), "--as-dvc",
            str(record), str(seconds)]
     p = subprocess.Popen(cmd, env=wrapper_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -255,14 +255,14 @@ def test_the_next_run_removes_folders_of_runs_killed_outright(tmp_path):
     for folder in (*stale, live):
         folder.mkdir()
         (folder / "s").write_text("")  # a socket file nothing listens on
-    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "true"], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.runtime.warm", "--", "true"], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert socket_folders(tmp_path) == [live.name]
 
 
 def test_a_typo_in_the_command_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "dvcc", "repro"], env=wrapper_env(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.runtime.warm", "--", "dvcc", "repro"], env=wrapper_env(tmp_path),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "'dvcc'" in r.stderr and "-- dvc repro" in r.stderr, r.stderr
@@ -278,7 +278,7 @@ def test_bad_params_stop_dvc_repro_before_it_starts(tmp_path):
     assert "r: -1" in text
     (tmp_path / "params.yaml").write_text(text)
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", "dvc", "repro"], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.runtime.warm", "--", "dvc", "repro"], cwd=tmp_path,
                        env=wrapper_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "lora.r" in r.stderr, r.stderr
@@ -292,7 +292,7 @@ def test_a_tmpdir_too_long_for_a_socket_still_gets_a_warm_server(tmp_path):
     deep.mkdir(parents=True)
     record = tmp_path / "rec.json"
     env = {**wrapper_env(tmp_path), "TMPDIR": str(deep)}
-    r = subprocess.run([sys.executable, "-m", "clip_qlora.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"),
+    r = subprocess.run([sys.executable, "-m", "clip_qlora.runtime.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"),
                         "--as-dvc", str(record), "0"], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert "served from the warm server" in r.stderr and "did not start" not in r.stderr, r.stderr

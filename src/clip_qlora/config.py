@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from . import archs
-from .io import UserError
+from clip_qlora.core import archs
+from clip_qlora.runtime.io import UserError
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept on CPU and CUDA
@@ -216,8 +216,8 @@ def _build(cls, raw: Any, prefix: str):
 
 def validate(p: Params) -> Params:
     """Check every value against what the code accepts; raise one line naming the first bad key."""
-    from .backends import METHODS  # the table only: backend modules (bitsandbytes) are imported on use
-    from .data.registry import DATASETS
+    from clip_qlora.core.backends import METHODS  # the table only: backend modules (bitsandbytes) are imported on use
+    from clip_qlora.data.registry import DATASETS
 
     _subset("datasets", p.datasets, tuple(DATASETS))
     _subset("methods", p.methods, tuple(METHODS))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import UserError
+from clip_qlora.runtime.io import UserError
 
 
 def open_rgb(path: Path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..io import UserError, write_text
+from clip_qlora.runtime.io import UserError, write_text
 
 PARTS = ("train", "test")
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 DRAWS = ("clip_lora", "keyed")
 VAL_SHOTS_MAX = 4  # CLIP-LoRA draws min(k, 4) validation shots per class before the training shots
 
-from ..io import UserError
+from clip_qlora.runtime.io import UserError
 
 
 def _key(seed: int, *parts: str) -> bytes:

@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..io import UserError, write_json
-from .draw import keyed_order
+from clip_qlora.runtime.io import UserError, write_json
+from clip_qlora.data.draw import keyed_order
 
 if TYPE_CHECKING:
-    from .registry import DatasetSpec
+    from clip_qlora.data.registry import DatasetSpec
 
 STAGE = ".torchvision"  # where torchvision downloads, inside the temporary dataset folder
 

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..io import UserError
-from .decode import open_rgb
+from clip_qlora.runtime.io import UserError
+from clip_qlora.data.decode import open_rgb
 
 SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults, which CLIP-LoRA uses
 RATIO = (3 / 4, 4 / 3)

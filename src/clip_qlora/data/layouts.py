@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
-from ..io import UserError, read_json
+from clip_qlora.runtime.io import UserError, read_json
 
 if TYPE_CHECKING:
-    from .registry import DatasetSpec
+    from clip_qlora.data.registry import DatasetSpec
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import fetch
-from .layouts import Partition, read_coop, read_fgvc
+from clip_qlora.data import fetch
+from clip_qlora.data.layouts import Partition, read_coop, read_fgvc
 
 CLIP_TEMPLATE = "a photo of a {}."  # CLIP-LoRA uses this one prompt for every dataset
 
@@ -27,7 +27,7 @@ class DatasetSpec:
 
 
 def _shapes(spec: DatasetSpec, dest: Path) -> None:
-    from . import synthetic  # numpy and PIL only when the shapes are really drawn, not to check params
+    from clip_qlora.data import synthetic  # numpy and PIL only when the shapes are really drawn, not to check params
 
     synthetic.generate(dest, 0, spec.image_dir, spec.split_file)
 

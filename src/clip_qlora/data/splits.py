@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..io import UserError, atomic_dir, read_json, write_json
-from .decode import open_rgb
-from .draw import DRAWS, describe, draw_clip_lora, draw_shots
-from .layouts import escapes
-from .registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
+from clip_qlora.runtime.io import UserError, atomic_dir, read_json, write_json
+from clip_qlora.data.decode import open_rgb
+from clip_qlora.data.draw import DRAWS, describe, draw_clip_lora, draw_shots
+from clip_qlora.data.layouts import escapes
+from clip_qlora.data.registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
 
 log = logging.getLogger(__name__)
 

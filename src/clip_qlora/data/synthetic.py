@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..io import write_json
+from clip_qlora.runtime.io import write_json
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 210), "yellow": (230, 200, 40)}
 SHAPES = {"circle": 0, "square": 4, "triangle": 3}  # polygon sides; 0 = ellipse

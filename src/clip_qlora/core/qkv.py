@@ -1,0 +1,156 @@
+"""A block's q, k and v projections with their LoRA adapters as one autograd function (training only).
+
+Why: PEFT runs each adapted projection as its own module: base GEMM, dropout, x @ A^T, (.) @ B^T, scale, add.
+At CLIP-LoRA's rank 2 the adapter GEMMs have 2-element (4-byte) rows, which cuBLAS can only serve with its
+slowest alignment-1/2 kernels: on the H200 they took about 5 ms of a 15 ms ViT-B/16 step for 0.01 TFLOP of
+work (benchmarks/results/2026-12-04-nvidia-h200-step.md). Here, per block:
+
+- the three frozen base projections are one GEMM against the stacked [3d, d] weight (a bf16 base's q, k, v
+  weights become views of that one tensor; an NF4 base dequantizes its three weights into one buffer, as
+  bitsandbytes would, each call);
+- each adapter computes at a rank padded to a multiple of 8 (zero rows of A, zero columns of B, built each
+  call from the rank-r parameters): every product has 16-byte rows, and the padding adds exact zeros only;
+- the B products add straight into the base output (GEMM epilogue, scale as alpha), no separate scale/add.
+
+The mathematics is PEFT's LoRA: y_j = x W_j^T + b_j + s * B_j A_j dropout_j(x), one dropout mask per matrix,
+drawn in PEFT's order (q, k, v) by the same kernel from the same generator, so every mask is today's. What
+differs is the order of floating-point operations (GEMM kernels, one rounding fewer on the adapter branch):
+the parameters are still PEFT's rank-r tensors, saved in PEFT's format. `train.fused_qkv` chooses it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+ALIGN = 8  # bf16 elements per 16 bytes: cuBLAS's fast kernels want leading dimensions that are multiples
+
+
+def _padded(r: int) -> int:
+    return -(-r // ALIGN) * ALIGN
+
+
+class _QKV(torch.autograd.Function):
+    """y = [x Wq^T + bq | x Wk^T + bk | x Wv^T + bv] + s * [dq(x) Aq^T Bq^T | ...], x: (N, d), y: (N, 3d)."""
+
+    @staticmethod
+    def forward(ctx, x, proj, *lora):
+        a, b = lora[:3], lora[3:]
+        w = proj.weight()
+        n, d = x.shape
+        r, rp = a[0].shape[0], _padded(a[0].shape[0])
+        dt = w.dtype
+        # padded copies in the compute dtype: rows of A / columns of B beyond r are zero
+        a8 = F.pad(torch.stack(a), (0, 0, 0, rp - r)).to(dt)            # (3, rp, d)
+        b8 = F.pad(torch.stack(b), (0, rp - r)).to(dt)                   # (3, d, rp)
+        y = torch.addmm(proj.bias, x, w.t()) if proj.bias is not None else x @ w.t()
+        dropped, masks, hs = [], [], []
+        for j in range(3):  # q, k, v: PEFT's order, so the dropout generator hands out the same masks
+            if proj.p > 0:
+                xd, m = torch.native_dropout(x, proj.p, True)
+            else:
+                xd, m = x, None
+            h = xd @ a8[j].t()                                           # (N, rp), columns >= r are zero
+            y[:, j * d:(j + 1) * d].addmm_(h, b8[j].t(), alpha=proj.scale)
+            dropped.append(xd), masks.append(m), hs.append(h)
+        ctx.proj, ctx.r, ctx.dt = proj, r, a[0].dtype
+        ctx.save_for_backward(a8, b8, *dropped, *hs, *[m for m in masks if m is not None])
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        proj, r = ctx.proj, ctx.r
+        a8, b8, *rest = ctx.saved_tensors
+        dropped, hs, masks = rest[:3], rest[3:6], rest[6:]
+        d = a8.shape[-1]
+        gy = gy.contiguous()
+        gx = gy @ proj.weight()
+        ga, gb = [], []
+        for j in range(3):
+            gyj = gy[:, j * d:(j + 1) * d]
+            gb.append((gyj.t() @ hs[j])[:, :r].mul(proj.scale).to(ctx.dt))
+            gh = (gyj @ b8[j]).mul_(proj.scale)                           # (N, rp)
+            ga.append((gh.t() @ dropped[j])[:r].to(ctx.dt))
+            gxd = gh @ a8[j]
+            if masks:
+                gxd = torch.ops.aten.native_dropout_backward(gxd, masks[j], 1.0 / (1.0 - proj.p))
+            gx.add_(gxd)
+        return (gx, None, *ga, *gb)
+
+
+class FusedQKV:
+    """What `_QKV` needs of one SplitAttention whose q_proj, k_proj and v_proj are PEFT LoRA layers.
+
+    A plain object, not a module: the parameters stay where PEFT put them (state dicts, saving, the optimizer
+    see nothing new); this only holds references to them and the stacked frozen weight.
+    """
+
+    def __init__(self, attn: nn.Module, adapter: str = "default"):
+        mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.adapter = adapter
+        self._mods = mods
+        drop = mods[0].lora_dropout[adapter]
+        self.p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        self.scale = float(mods[0].scaling[adapter])
+        if any(float(m.scaling[adapter]) != self.scale or _drop_p(m, adapter) != self.p for m in mods):
+            raise ValueError("train.fused_qkv needs the same adapter settings on q, k and v")
+        bases = [m.get_base_layer() for m in mods]
+        self.quantized = getattr(bases[0].weight, "quant_state", None) is not None  # bitsandbytes Params4bit
+        biases = [l.bias for l in bases]
+        self.bias = None if biases[0] is None else torch.cat([t.detach() for t in biases])
+        if self.quantized:
+            self._bases = bases
+        else:  # the three weights become views of one stacked tensor: no second copy of the base
+            stacked = torch.cat([l.weight.detach() for l in bases])
+            d = bases[0].out_features
+            for j, l in enumerate(bases):
+                l.weight = nn.Parameter(stacked[j * d:(j + 1) * d], requires_grad=False)
+            self._stacked = stacked
+        if self.bias is not None:
+            d = bases[0].out_features
+            for j, l in enumerate(bases):
+                l.bias = nn.Parameter(self.bias[j * d:(j + 1) * d], requires_grad=False)
+
+    def weight(self) -> torch.Tensor:
+        if not self.quantized:
+            return self._stacked
+        from bitsandbytes.functional import dequantize_4bit
+
+        first = self._bases[0]
+        if first.weight.device.type != "cuda":  # bitsandbytes has no CPU kernel that writes into a buffer
+            return torch.cat([dequantize_4bit(l.weight.data, l.weight.quant_state) for l in self._bases])
+        d_out, d_in = first.out_features, first.in_features
+        out = torch.empty(3 * d_out, d_in, dtype=first.weight.quant_state.dtype, device=first.weight.device)
+        for j, l in enumerate(self._bases):  # what bitsandbytes' matmul dequantizes, into one buffer
+            dequantize_4bit(l.weight.data, l.weight.quant_state, out=out[j * d_out:(j + 1) * d_out])
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        w_dtype = self._bases[0].weight.quant_state.dtype if self.quantized else self._stacked.dtype
+        lora = [m.lora_A[self.adapter].weight for m in self._mods] + [m.lora_B[self.adapter].weight
+                                                                        for m in self._mods]
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit inside
+            y = _QKV.apply(x2.to(w_dtype), self, *lora)
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+def _drop_p(m, adapter) -> float:
+    drop = m.lora_dropout[adapter]
+    return drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+
+def fuse(clip: nn.Module, adapter: str = "default") -> int:
+    """Give every SplitAttention whose q, k and v all carry the adapter the fused training path; the others
+    (lora.targets or lora.layers leaving some out) keep PEFT's modules. Returns how many were fused."""
+    from clip_qlora.core.model import SplitAttention
+
+    n = 0
+    for m in clip.modules():
+        if isinstance(m, SplitAttention) and all(isinstance(p, LoraLayer) and adapter in p.lora_A
+                                                 for p in (m.q_proj, m.k_proj, m.v_proj)):
+            m.fused_qkv = FusedQKV(m, adapter)
+            n += 1
+    return n

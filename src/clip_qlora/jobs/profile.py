@@ -1,0 +1,123 @@
+"""A controlled memory/time profile of one method on synthetic inputs at the model's real size.
+
+It times the same step as training (`make_step`: a CUDA graph on GPU, eager on CPU); only the inputs are
+synthetic (random pixels, numbered class prompts), since memory and speed do not depend on what the images show.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from clip_qlora.core.memory import (CudaPeak, DriverMemory, SavedActivations, allocated_bytes, frozen_weight_bytes,
+                     trainable_bytes)
+from clip_qlora.jobs.train import build_run, make_step, optimizer_step
+
+
+def parse_batch(spec: str) -> tuple[int, int]:
+    micro, accum = (int(x) for x in spec.split("x"))
+    return micro, accum
+
+
+def synthetic_prompts(n_classes: int) -> list[str]:
+    return [f"a photo of a class number {i}." for i in range(n_classes)]
+
+
+def isolated(fn, *args, device: str):
+    """Run fn(*args) in a fresh process on CUDA, so one configuration's allocations (and any memory a library
+    keeps alive after it) cannot inflate the next configuration's peak; in-process on CPU, where the
+    allocator is not measured."""
+    if not device.startswith("cuda"):
+        return fn(*args)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # the child's current device is this process's (the GPU gpu_claim claimed), not CUDA's default device 0
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.cuda.set_device, initargs=(index,)) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_step_ms(step, n: int, device: str, seed0: int = 0) -> float:
+    """Median wall time of n calls of step(), synchronised; each step re-seeds its dropout, as in training."""
+    times = []
+    for i in range(n):
+        torch.manual_seed(seed0 + i)
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
+            device: str) -> dict:
+    """Base bytes on the device, saved-activation bytes, allocator peaks and median step time of one configuration."""
+    prompts = synthetic_prompts(n_classes)
+    return measure_run(lambda total: build_run(base_dir, params, method, prompts, device, total), params,
+                       micro, accum, n_classes, warmup, steps, device)
+
+
+def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
+                device: str) -> dict:
+    """`measure` of the Run that make_run(total_steps) builds (the scale study builds its base on the device).
+
+    Everything make_run allocates counts as the run's memory; it should leave no cached transient behind.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = allocated_bytes(device) or 0
+    run = make_run(1 + 2 * (warmup + steps))
+    static_alloc = allocated_bytes(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(micro * accum, 3, run.size, run.size, generator=g, device=device)
+    y = torch.randint(0, n_classes, (micro * accum,), generator=g, device=device)
+    batches = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]) for i in range(accum)]
+    # The first step eagerly, counting what autograd saves (hooks cannot run inside a captured graph), as
+    # `train_seed` does; only then is the step captured.
+    acts = SavedActivations(run.model)
+    torch.manual_seed(0)
+    with acts.track():
+        optimizer_step(run, batches)
+    # Memory over eager steps after a warm-up: a replayed CUDA graph bypasses the caching allocator, so its
+    # peaks would show only what capture left allocated. The eager step does the same arithmetic (bitwise
+    # equal on the H200) and its peaks are what the original study measured. Off CUDA nothing is measured.
+    peak = CudaPeak(device)
+    for i in range(warmup if peak.cuda else 0):
+        torch.manual_seed(1 + i)  # as in training: each step re-seeds its dropout
+        optimizer_step(run, batches)
+    peak.reset()
+    for i in range(steps if peak.cuda else 0):
+        torch.manual_seed(1 + warmup + i)
+        optimizer_step(run, batches)
+    memory = peak.read()
+    driver = DriverMemory(device)
+    driver_eager = driver.read()
+    # Time with the step training runs (a CUDA graph where possible).
+    step, mode = make_step(run, batches, params.runtime.cuda_graph)
+    for i in range(warmup):
+        torch.manual_seed(1 + warmup + steps + i)
+        step(batches)
+    step_ms = median_step_ms(lambda: step(batches), steps, device, seed0=1 + 2 * warmup + steps)
+    # Read last, the driver's figure is the process as training runs it: eager steps first, then the captured
+    # step's own memory pool on top (what nvidia-smi shows during `train`).
+    driver_bytes = driver.read()
+    tb = trainable_bytes(run.model, run.optimizer)
+    out = {"device_base_bytes": frozen_weight_bytes(run.model, device),
+           "memory_allocated_bytes": None if static_alloc is None else static_alloc - before,
+           "trainable_params": tb["trainable_params"],
+           "trainable_bytes": tb["params"] + tb["grads"] + tb["optimizer_state"],
+           "saved_activation_bytes": acts.bytes, **memory, "driver_eager_bytes": driver_eager,
+           "driver_bytes": driver_bytes, "baseline_allocated_bytes": None if static_alloc is None else before,
+           "step_ms": step_ms, "step_mode": mode}
+    return out

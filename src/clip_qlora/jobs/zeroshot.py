@@ -1,0 +1,51 @@
+"""The zeroshot stage: one base's zero-shot accuracy on every dataset's test split, with every prompt set.
+
+Once per base and dataset: the methods that share a base (lora and lora_gc, qlora and qlora_gc) share its
+zero-shot numbers, so no evaluate stage measures them. One stage per base, not per (base, dataset): a stage
+process costs 15-25 s of start-up on the GPU machine measured (torch, open_clip, bitsandbytes), more than
+most datasets' zero-shot pass, so 16 small stages would spend more time starting than the passes they save.
+The price: adding a dataset reruns both bases' zero-shot, a pass over every test split.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from clip_qlora.core.base import load_base, resolve_device
+from clip_qlora.data.images import eval_batches
+from clip_qlora.data.splits import load_split, zero_shot_templates
+from clip_qlora.runtime.io import write_json
+from clip_qlora.core.scoring import zero_shot
+from clip_qlora.paths import base_dir, common, split_path
+
+
+def metrics_path(base: str) -> Path:
+    return Path("metrics/zeroshot") / f"{base}.json"
+
+
+def zeroshot(p, base: str) -> dict:
+    device = resolve_device(p.model.device)
+    root = Path(p.data.root)
+    splits = {d: load_split(split_path(d), root) for d in p.datasets}  # every split checked before the model
+    model, meta = load_base(base_dir(base), device)
+    per_dataset = {}
+    for dataset, split in splits.items():
+        def make_batches(size, mean, std, split=split):  # the reference's pixels unless eval.decode is fast
+            return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device,
+                                p.eval.decode)
+
+        # both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row used CoOp's
+        # per-dataset templates
+        prompt_sets = {name: [template.format(c) for c in split["classnames"]]
+                       for name, template in zero_shot_templates(dataset).items()}
+        r = zero_shot(model, meta, prompt_sets, make_batches, device)
+        # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
+        per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
+                                "n_test": r["n_test"]}
+        # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
+        print(f"zeroshot {base} {dataset}: {r['n_test']} test images, "
+              f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, "
+              f"{r['eval_seconds']:.2f} s ({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
+    metrics = {"base": base, "datasets": per_dataset, "eval_decode": p.eval.decode, **common(device, meta)}
+    write_json(metrics_path(base), metrics)  # one file, written once every dataset is scored
+    return metrics

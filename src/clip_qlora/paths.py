@@ -1,0 +1,49 @@
+"""What each DVC stage does, in terms of files: one module per stage (quantize, train, evaluate, profile).
+
+This package holds the file layout they share. Paths are relative to the working folder (the DVC project
+root): every output is declared in dvc.yaml; checkpoints live in .ckpt/ (not an output) so they survive
+`dvc repro` clearing outputs. One module per stage, so that each stage's import closure (its code deps in
+dvc.yaml) is the code it runs and no other stage's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clip_qlora.runtime.io import device_name, read_json, versions
+
+
+def split_path(dataset: str) -> Path:
+    return Path("data/splits") / f"{dataset}.json"
+
+
+def base_dir(base: str) -> Path:
+    return Path("models") / base
+
+
+def method_pointer(method: str) -> Path:
+    """A small file per method naming its base, the base's settings and hash.
+
+    DVC cannot look up a method's base inside a matrix stage, so each train/evaluate/profile stage depends on
+    this pointer instead: it changes exactly when that method's base changes (quant.* reruns only the NF4 side).
+    """
+    return Path("models/methods") / f"{method}.json"
+
+
+def adapter_dir(method: str, dataset: str, seed) -> Path:
+    return Path("adapters") / method / dataset / f"seed{seed}"
+
+
+def checkpoint_path(method: str, dataset: str, seed) -> Path:
+    return Path(".ckpt/train") / method / dataset / f"seed{seed}.pt"
+
+
+def base_of(method: str) -> Path:
+    pointer = read_json(method_pointer(method))
+    return Path(pointer["dir"])
+
+
+def common(device: str, meta: dict) -> dict:
+    """What every metrics file records about the run that wrote it: real weights or not, the activation that
+    ran (from the base's meta), device, versions."""
+    return {"pretrained": bool(meta["is_pretrained"]), "activation": meta["activation"],
+            "device": device_name(device), "versions": versions()}
