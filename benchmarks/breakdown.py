@@ -24,7 +24,8 @@ from clip_qlora.core.base import make_base, save_base  # noqa: E402
 from clip_qlora.core import backends
 from clip_qlora import config  # noqa: E402
 from clip_qlora.jobs.profile import synthetic_prompts  # noqa: E402
-from clip_qlora.jobs.train import build_run, make_step, optimizer_step  # noqa: E402
+from clip_qlora.core.step import build_run, optimizer_step, groups_of
+from clip_qlora.core.graphs import make_step  # noqa: E402
 
 MIB = 2 ** 20
 OURS = ("clip_qlora", "open_clip", "peft", "bitsandbytes", "torch/nn/functional", "torch/utils/checkpoint")
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
         save_base(model, meta, Path(tmp))
         del model
         torch.manual_seed(0)
-        run = build_run(tmp, p, a.method, synthetic_prompts(a.n_classes), "cuda", 100)
+        run = build_run(tmp, a.method, synthetic_prompts(a.n_classes), "cuda", 100, **groups_of(p))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(a.batch, 3, run.size, run.size, generator=g, device="cuda")
     y = torch.randint(0, a.n_classes, (a.batch,), generator=g, device="cuda")

@@ -43,11 +43,12 @@ def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, 
     straight: one stream, and (the base's settings) absmax dequantised at every use; see main()."""
     from clip_qlora import config
     from clip_qlora.jobs.profile import synthetic_prompts
-    from clip_qlora.jobs.train import build_run, make_step, optimizer_step
+    from clip_qlora.core.step import build_run, optimizer_step, groups_of
+    from clip_qlora.core.graphs import make_step
 
     p = config.load_with({"runtime.overlap_text": not straight})
     torch.manual_seed(0)
-    run = build_run(base_dir, p, method, synthetic_prompts(100), "cuda", steps)
+    run = build_run(base_dir, method, synthetic_prompts(100), "cuda", steps, **groups_of(p))
     g = torch.Generator(device="cuda").manual_seed(0)
     losses, step_fn, mode = [], None, "eager"
     for s in range(steps):
@@ -90,6 +91,7 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
     from clip_qlora import config
     from clip_qlora.data.images import TrainImages
     from clip_qlora.jobs.profile import synthetic_prompts
+    from clip_qlora.core.step import groups_of
     from clip_qlora.jobs.train import train_seed
 
     p = config.load_with()
@@ -99,8 +101,8 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
     images = TrainImages(pixels, [(375, 500)] * len(pixels), torch.arange(n_classes).repeat_interleave(shots))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = train_seed(p, method, base_dir, synthetic_prompts(n_classes), images, 1, "cuda",
-                       Path(tmp) / "adapters", Path(tmp) / "ckpt.pt", description=f"protocol {method}")
+        r = train_seed(method, base_dir, synthetic_prompts(n_classes), images, 1, "cuda",
+                       Path(tmp) / "adapters", Path(tmp) / "ckpt.pt", description=f"protocol {method}", shots=p.data.shots, **groups_of(p))
         r["wall_seconds_including_load"] = time.perf_counter() - t0
     return r
 

@@ -13,6 +13,7 @@ Result of 2026-12-01: benchmarks/results/2026-12-01-nvidia-h200-seeds-together.m
 from __future__ import annotations
 
 import argparse
+import copy
 import faulthandler
 import json
 import sys
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 
-from clip_qlora.jobs.train import _graph_body, _load_optimizer_in_place  # noqa: E402
+from clip_qlora.core.graphs import _graph_body, _load_optimizer_in_place  # noqa: E402
 
 
 class GroupStep:
@@ -130,7 +131,10 @@ def main() -> None:
     from clip_qlora import config
     from clip_qlora.core.base import make_base, read_base, save_base
     from clip_qlora.data.images import TrainImages
-    from clip_qlora.jobs.train import build_run, make_micro_batches, make_step, optimizer_step, _step_seed
+    from clip_qlora.core.step import build_run, optimizer_step, groups_of
+    from clip_qlora.data.batches import make_micro_batches
+    from clip_qlora.core.graphs import make_step
+    from clip_qlora.core.seeds import mix as _step_seed
 
     p = config.load(REPO / "params.yaml")
     p.model.pretrained = "none"
@@ -152,8 +156,8 @@ def main() -> None:
     results = {}
 
     def build(method, saved, seed, capture=True):
-        run = build_run(tmp / backends.METHODS[method].base, p, method, prompts, device, args.steps, seed=seed,
-                        saved=saved)
+        run = build_run(tmp / backends.METHODS[method].base, method, prompts, device, args.steps, seed=seed,
+                        saved=saved, **groups_of(p))
         torch.manual_seed(_step_seed(seed, 0))
         optimizer_step(run, make_micro_batches(run, images, seed, 0, t.micro_batch, t.grad_accum, t.batching))
         if not capture:

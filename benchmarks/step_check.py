@@ -45,9 +45,11 @@ def train_steps(params, method, base_dir, prompts, device, steps, batch, n_class
         with sdpa_kernel(getattr(SDPBackend, sdpa.upper())):
             return train_steps(params, method, base_dir, prompts, device, steps, batch, n_classes, seed)
 
-    from clip_qlora.jobs.train import _step_seed, build_run, make_step
+    from clip_qlora.core.seeds import mix as _step_seed
+    from clip_qlora.core.step import build_run, groups_of
+    from clip_qlora.core.graphs import make_step
 
-    run = build_run(base_dir, params, method, prompts, device, steps, seed=seed)
+    run = build_run(base_dir, method, prompts, device, steps, seed=seed, **groups_of(params))
 
     def batch_at(step):
         g = torch.Generator(device=device).manual_seed(1000 + step)

@@ -374,7 +374,8 @@ def build_all(args, ctx) -> dict:
     from clip_qlora.core import backends
     from clip_qlora.core.base import make_base, save_base
     from clip_qlora.jobs.profile import measure_run, synthetic_prompts
-    from clip_qlora.jobs.train import build_run, make_step
+    from clip_qlora.core.step import build_run, groups_of
+    from clip_qlora.core.graphs import make_step
 
     bench, params, device, dtype = ctx["bench"], ctx["params"], ctx["device"], ctx["dtype"]
     tmp = ctx["tmp"]
@@ -394,12 +395,12 @@ def build_all(args, ctx) -> dict:
         holder = {}
 
         def make_run(total, method=method):
-            holder["run"] = build_run(base_dirs[backends.METHODS[method].base], params, method, prompts, device,
-                                      total)
+            holder["run"] = build_run(base_dirs[backends.METHODS[method].base], method, prompts, device,
+                                      total, **groups_of(params))
             return holder["run"]
 
         try:
-            m = measure_run(make_run, params, args.batch, 1, args.n_classes, args.warmup, args.steps, device)
+            m = measure_run(make_run, args.batch, 1, args.n_classes, args.warmup, args.steps, device, params.runtime.cuda_graph)
         except Exception as e:  # an OOM or a broken method: record it, keep the other methods
             ctx["errors"].append(f"measure_run {method}: {type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}")
             log(f"{method}: measure_run FAILED ({type(e).__name__}: {e})")
@@ -471,7 +472,7 @@ def profile_graph(method: str, st: dict, args, ctx) -> dict:
     if not kernels and device.startswith("cuda") and st["mode"] != "eager":
         # no records from the graph's kernels: profile eager steps instead (same kernels, but launched one by
         # one, so the busy/idle figures describe the eager step, not the graph)
-        from clip_qlora.jobs.train import optimizer_step
+        from clip_qlora.core.step import optimizer_step
         log(f"{method}: no kernel records from graph replays; profiling eager steps instead")
         seed_e = [25_000]
 
@@ -525,7 +526,7 @@ def eager_analysis(method: str, st: dict, args, ctx) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
-    from clip_qlora.jobs.train import optimizer_step
+    from clip_qlora.core.step import optimizer_step
 
     device, run, batches = ctx["device"], st["run"], st["batches"]
     res = {}
@@ -711,7 +712,8 @@ def compile_variant(method: str, st: dict, args, ctx) -> dict:
     import torch
     import open_clip.transformer as oct
     from clip_qlora.jobs.profile import median_step_ms
-    from clip_qlora.jobs.train import _load_optimizer_in_place, make_step, optimizer_step
+    from clip_qlora.core.graphs import _load_optimizer_in_place, make_step
+    from clip_qlora.core.step import optimizer_step
 
     device, run, batches, params = ctx["device"], st["run"], st["batches"], ctx["params"]
     import torch._dynamo

@@ -24,6 +24,15 @@ BaseOpt = typer.Option(..., help=", ".join(f"{b} (the {s.label} arm's base)" for
 DatasetOpt = typer.Option(..., help="dataset name from params.yaml 'datasets'")
 
 
+def load_params(path: Path, stage: str, keys, untracked=()):
+    """params.yaml, validated whole (as `check` does), as stage `stage` may read it: `keys` are its dvc.yaml
+    `params:` list, `untracked` what it reads without DVC tracking it (dvc.yaml says why). Reading any other
+    key raises config.Undeclared: DVC would not rerun the stage when that key changed."""
+    from clip_qlora import config
+
+    return config.declared(config.load(path), (*keys, *untracked), stage)
+
+
 TRAINING_OOM = ("use a method with gradient checkpointing (lora_gc/qlora_gc) or a smaller micro-batch with more "
                 "accumulation (train.grad_accum)")
 SCORING_OOM = "lower eval.batch_size (test images per forward)"

@@ -1,6 +1,9 @@
 from pathlib import Path
 
-from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, scoring_stage
+from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, load_params, scoring_stage
+
+PARAMS = ("data.root", "data.seeds", "model.device", "eval")
+UNTRACKED = ("runtime.eval_workers",)  # more decoding workers, the same images in the same order
 
 
 @app.command()
@@ -10,12 +13,12 @@ def evaluate(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = 
     from clip_qlora import config
     from clip_qlora.runtime import inputs
 
-    p = config.load(params)
+    p = load_params(params, "evaluate", PARAMS, UNTRACKED)
     config.require_member("method", method, p.methods)
     config.require_member("dataset", dataset, p.datasets)
     inputs.split(dataset, p.data.root)
     inputs.method(method)
     inputs.adapters(method, dataset, p.data.seeds)
-    from clip_qlora.jobs.evaluate_stage import evaluate as run  # torch: after params are checked
+    from clip_qlora.jobs.evaluate import evaluate_dataset  # torch: after params are checked
 
-    run(p, method, dataset)
+    evaluate_dataset(method, dataset, data=p.data, eval=p.eval, runtime=p.runtime, device=p.model.device)

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import typer
 
-from stages.app import DatasetOpt, DebugOpt, ParamsOpt, app, stage
+from stages.app import DatasetOpt, DebugOpt, ParamsOpt, app, load_params, stage
+
+PARAMS = ("data.root", "data.shots", "data.seeds", "data.download", "data.template", "data.split_draw")
 
 
 @app.command()
@@ -15,11 +17,12 @@ def prepare(dataset: str = DatasetOpt,
     from clip_qlora import config
     from clip_qlora.data.digest import write_digests
     from clip_qlora.data.splits import prepare_split, write_split
+    from clip_qlora.paths import split_path
 
-    p = config.load(params)
+    p = load_params(params, "prepare", PARAMS)
     config.require_member("dataset", dataset, p.datasets)
     d = p.data
     split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw)
-    out = out or Path("data/splits") / f"{dataset}.json"
+    out = out or split_path(dataset)
     write_split(out, split)
     write_digests(out, split, Path(d.root))

@@ -1,6 +1,9 @@
 from pathlib import Path
 
-from stages.app import DebugOpt, MethodOpt, ParamsOpt, app, stage
+from stages.app import DebugOpt, MethodOpt, ParamsOpt, app, load_params, stage
+
+PARAMS = ("model.device", "lora", "train", "profile", "runtime.cuda_graph", "runtime.cublas_workspace_kib",
+          "runtime.overlap_text", "runtime.layernorm_in_compute_dtype")
 
 
 @app.command()
@@ -10,9 +13,10 @@ def profile(method: str = MethodOpt, params: Path = ParamsOpt, debug: bool = Deb
     from clip_qlora import config
     from clip_qlora.runtime import inputs
 
-    p = config.load(params)
+    p = load_params(params, "profile", PARAMS)
     config.require_member("method", method, p.methods)
     inputs.method(method)
-    from clip_qlora.jobs.profile_stage import profile as run  # torch: after params are checked
+    from clip_qlora.jobs.profile import profile_method  # torch: after params are checked
 
-    run(p, method)
+    profile_method(method, lora=p.lora, train=p.train, runtime=p.runtime, profile=p.profile,
+                   device=p.model.device)

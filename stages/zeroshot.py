@@ -1,6 +1,9 @@
 from pathlib import Path
 
-from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, scoring_stage
+from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, load_params, scoring_stage
+
+PARAMS = ("datasets", "data.root", "data.template", "model.device", "eval")
+UNTRACKED = ("runtime.eval_workers",)  # more decoding workers, the same images in the same order
 
 
 @app.command()
@@ -8,14 +11,14 @@ from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, scoring_stage
 def zeroshot(base: str = BaseOpt, params: Path = ParamsOpt, debug: bool = DebugOpt):
     """Zero-shot accuracy of one base (no adapters) on every dataset's test split, with every prompt set."""
     from clip_qlora import config
-    from clip_qlora.runtime import inputs
     from clip_qlora.core.backends import BACKENDS
+    from clip_qlora.runtime import inputs
 
-    p = config.load(params)
+    p = load_params(params, "zeroshot", PARAMS, UNTRACKED)
     config.require_member("base", base, list(BACKENDS))
     for dataset in p.datasets:
         inputs.split(dataset, p.data.root)
     inputs.base(base)
-    from clip_qlora.jobs.zeroshot import zeroshot as run  # torch: after params are checked
+    from clip_qlora.jobs.zeroshot import zeroshot_base  # torch: after params are checked
 
-    run(p, base)
+    zeroshot_base(base, p.datasets, data=p.data, eval=p.eval, runtime=p.runtime, device=p.model.device)

@@ -149,3 +149,11 @@ def all_files(folder: Path) -> list[str]:
     if not folder.exists():
         return []
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def train_stage(p, method: str, dataset: str) -> dict:
+    """The train stage's job with the groups its command passes (stages/train.py), in this process."""
+    from clip_qlora.jobs.train import train_dataset
+
+    return train_dataset(method, dataset, data=p.data, lora=p.lora, train=p.train, runtime=p.runtime,
+                         device=p.model.device)

@@ -52,7 +52,7 @@ def half(monkeypatch):
     mod = _half_backend()
     monkeypatch.setitem(sys.modules, "clip_qlora.core.backends.half", mod)
     saved = dict(backends.BACKENDS), dict(backends.METHODS)
-    backends.register("half", "hlora", "Half-LoRA")
+    backends.register("half", "hlora", "Half-LoRA", params="lora")  # its settings read lora.r
     yield mod
     for table, before in zip((backends.BACKENDS, backends.METHODS), saved):
         table.clear()
@@ -60,7 +60,7 @@ def half(monkeypatch):
 
 
 def test_a_registered_backend_is_used_end_to_end(half, tmp_path):
-    from clip_qlora.jobs.train import build_run, optimizer_step
+    from clip_qlora.core.step import build_run, optimizer_step, groups_of
 
     assert backends.METHODS["hlora_gc"] == backends.Method("half", True, "Half-LoRA + GC")
     params = demo_params({"methods": ["lora", "hlora", "hlora_gc"]})
@@ -79,7 +79,7 @@ def test_a_registered_backend_is_used_end_to_end(half, tmp_path):
         p = config.load("params.yaml")
         for method in ("hlora", "hlora_gc"):
             torch.manual_seed(0)
-            run = build_run(Path("models/half"), p, method, ["a photo of a x.", "a photo of a y."], "cpu", 2)
+            run = build_run(Path("models/half"), method, ["a photo of a x.", "a photo of a y."], "cpu", 2, **groups_of(p))
             assert run.blocks.checkpointing is (method == "hlora_gc")
             x = torch.randn(2, 3, run.size, run.size, generator=torch.Generator().manual_seed(0))
             loss = optimizer_step(run, [(x, torch.tensor([0, 1]))])

@@ -11,7 +11,7 @@ from clip_qlora.jobs import evaluate as E
 from clip_qlora.core import scoring as S
 from clip_qlora.core.base import load_base, make_base, save_base
 from clip_qlora.core.model import TextTokens, cosine_logits, encode_image, unit
-from clip_qlora.jobs.train import build_run
+from clip_qlora.core.step import build_run, groups_of
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
 from conftest import NF4  # noqa: E402  (the study's NF4 settings)
@@ -19,7 +19,7 @@ from conftest import NF4  # noqa: E402  (the study's NF4 settings)
 
 def _trained_adapters(base_dir, params, method, out, seed):
     """Adapters as training leaves them: lora_B moved away from zero (so the update is not a no-op)."""
-    run = build_run(base_dir, params, method, PROMPTS, "cpu", 10, seed=seed)
+    run = build_run(base_dir, method, PROMPTS, "cpu", 10, seed=seed, **groups_of(params))
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
         for n, p in run.model.named_parameters():
@@ -46,7 +46,7 @@ def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_param
     assert ours.dtype == torch.float32
 
     # the training path's forward (same adapters, loaded for training), dropout off
-    run = build_run(tmp_path / "bf16", tiny_params, "lora", PROMPTS, "cpu", 10, adapter_dir=tmp_path / "seed2")
+    run = build_run(tmp_path / "bf16", "lora", PROMPTS, "cpu", 10, adapter_dir=tmp_path / "seed2", **groups_of(tiny_params))
     run.model.eval()
     with torch.no_grad(), run.autocast():
         img = unit(encode_image(run.clip, images))
@@ -82,7 +82,7 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
     zero_shot = {"clip": PROMPTS, "coop": [f"{c} texture." for c in ("red", "green", "blue", "yellow")]}
 
     def run(dirs):
-        return E.evaluate_method(tmp_path / "nf4", dirs, PROMPTS, ["r", "g", "b", "y"], lambda *_: batches, "cpu")
+        return E.evaluate_seeds(tmp_path / "nf4", dirs, PROMPTS, ["r", "g", "b", "y"], lambda *_: batches, "cpu")
 
     both = run({"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
     alone = run({"2": tmp_path / "seed2"})
@@ -231,7 +231,7 @@ def test_the_fast_path_is_a_listed_deviation_and_the_default_is_not():
     from clip_qlora import protocol as P
     from clip_qlora.runtime.io import UserError
 
-    record = P.record(config.load_with(), {"draw": "clip_lora"},
+    record = P.record(config.load_with().data, config.load_with().lora, config.load_with().train, {"draw": "clip_lora"},
                       {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bfloat16"})
     fast = P.with_evaluation(record, {"eval_decode": "fast"})
     assert P.FAST_DECODE in P.deviations(fast)

@@ -18,11 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 import clip_qlora.core.adapters as adapters_mod
-import clip_qlora.jobs.train as train_mod
+import clip_qlora.core.step as step_mod
 from clip_qlora import config
-from clip_qlora.jobs.train_stage import train as train_stage
+from cli_helpers import train_stage
 from clip_qlora.runtime.io import UserError, atomic_dir, atomic_path, write_json
-from clip_qlora.jobs.train import build_run, load_checkpoint, save_checkpoint
+from clip_qlora.core.step import build_run, groups_of
+from clip_qlora.jobs.checkpoint import load_checkpoint, save_checkpoint
 
 from cli_helpers import demo_params, invoke, project, single_thread, stderr_lines, all_files, write_params
 from data_fixtures import truncate
@@ -147,14 +148,14 @@ def test_every_metrics_file_records_versions_device_and_seeds(runs):
 
 def nan_from(monkeypatch, call: int) -> None:
     """Training's loss becomes NaN from the `call`-th loss evaluation on (gradients NaN too)."""
-    real, calls = train_mod.loss_on, {"n": 0}
+    real, calls = step_mod.loss_on, {"n": 0}
 
     def loss_on(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= call else loss
 
-    monkeypatch.setattr(train_mod, "loss_on", loss_on)
+    monkeypatch.setattr(step_mod, "loss_on", loss_on)
 
 
 def test_non_finite_loss_stops_training_with_the_step(trained_copy, monkeypatch):
@@ -482,7 +483,7 @@ class Payload:
 
 
 def test_checkpoint_with_pickled_object_is_refused(saved_bases, tiny_params, tmp_path):
-    run = build_run(saved_bases["bf16"], tiny_params, "lora", ["a photo of a x.", "a photo of a y."], "cpu", 10)
+    run = build_run(saved_bases["bf16"], "lora", ["a photo of a x.", "a photo of a y."], "cpu", 10, **groups_of(tiny_params))
     good = tmp_path / "good.pt"
     save_checkpoint(run, good, 7)
     assert load_checkpoint(run, good) == 7  # a real checkpoint loads (tensors, numbers, strings only)
@@ -520,15 +521,15 @@ def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
 
 
-@pytest.mark.parametrize("target,args", [
-    ("train", ("train", "--method", "lora", "--dataset", "shapes")),
-    ("evaluate", ("evaluate", "--method", "qlora", "--dataset", "shapes")),
-    ("zeroshot", ("zeroshot", "--base", "nf4")),
-    ("profile", ("profile", "--method", "lora")),
-    ("quantize", ("quantize", "--base", "nf4")),
+@pytest.mark.parametrize("job,target,args", [
+    ("train", "train_dataset", ("train", "--method", "lora", "--dataset", "shapes")),
+    ("evaluate", "evaluate_dataset", ("evaluate", "--method", "qlora", "--dataset", "shapes")),
+    ("zeroshot", "zeroshot_base", ("zeroshot", "--base", "nf4")),
+    ("profile", "profile_method", ("profile", "--method", "lora")),
+    ("quantize", "quantize_base", ("quantize", "--base", "nf4")),
 ])
-def test_cuda_oom_exits_3_with_advice(runs, tmp_path, monkeypatch, target, args):
-    stage_module = importlib.import_module(f"clip_qlora.paths.{target}")
+def test_cuda_oom_exits_3_with_advice(runs, tmp_path, monkeypatch, job, target, args):
+    stage_module = importlib.import_module(f"clip_qlora.jobs.{job}")
     monkeypatch.setattr(stage_module, target, _oom)
     for part in ("data", "models", "adapters"):  # the inputs each stage checks before it runs
         shutil.copytree(runs[0] / part, tmp_path / part)
@@ -537,7 +538,7 @@ def test_cuda_oom_exits_3_with_advice(runs, tmp_path, monkeypatch, target, args)
         assert r.exit_code == 3, (r.output, r.exception)
         lines = stderr_lines(r.stderr)
         assert len(lines) == 1 and "Traceback" not in r.output
-        advice = (r"lower eval\.batch_size \(test images per forward\)" if target in ("evaluate", "zeroshot") else
+        advice = (r"lower eval\.batch_size \(test images per forward\)" if job in ("evaluate", "zeroshot") else
                   r"use a method with gradient checkpointing \(lora_gc/qlora_gc\) or a smaller micro-batch with "
                   r"more accumulation \(train\.grad_accum\)")
         assert re.fullmatch(r"error: CUDA out of memory after a peak of (nan|\d+\.\d\d) GiB allocated; " + advice,

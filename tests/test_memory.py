@@ -8,7 +8,7 @@ from clip_qlora.core.base import make_base
 from clip_qlora.core.blocks import restore_blocks
 from clip_qlora.core.memory import SavedActivations, frozen_weight_bytes, trainable_bytes, unique_bytes
 from clip_qlora.core.model import block_linears
-from clip_qlora.jobs.train import loss_on, optimizer_step, run_on_model
+from clip_qlora.core.step import loss_on, optimizer_step, run_on_model, groups_of
 
 from conftest import NF4, TINY
 
@@ -53,7 +53,7 @@ def vit_b16_runs():
 
 def saved_bytes(runs, method, batch=8):
     model, meta, p = runs[method.removesuffix("_gc")]
-    run = run_on_model(model, meta, p, method, PROMPTS, "cpu", 10)
+    run = run_on_model(model, meta, method, PROMPTS, "cpu", 10, **groups_of(p))
     images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(batch) % len(PROMPTS)
     acts = SavedActivations(run.model)
@@ -88,7 +88,7 @@ def test_trainable_state_bytes(saved_bases, tiny_params):
     from clip_qlora.core.base import load_base
 
     model, meta = load_base(saved_bases["bf16"], "cpu")
-    run = run_on_model(model, meta, tiny_params, "lora", PROMPTS, "cpu", 10)
+    run = run_on_model(model, meta, "lora", PROMPTS, "cpu", 10, **groups_of(tiny_params))
     n = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
     optimizer_step(run, [(images, labels)])
@@ -103,13 +103,13 @@ def test_trainable_state_bytes(saved_bases, tiny_params):
 def test_saved_activations_under_accumulation_are_one_micro_batch(saved_bases, tiny_params, method):
     """Each micro-batch's saved tensors are freed by its backward: a 2x4 step needs what a 2x1 step needs
     (text tower once, plus one micro-batch), not four micro-batches' worth, and the same in both arms."""
-    from clip_qlora.jobs.train import build_run
+    from clip_qlora.core.step import build_run
 
     images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(8) % len(PROMPTS)
     got = {}
     for accum in (1, 4):
-        run = build_run(saved_bases["bf16" if method == "lora" else "nf4"], tiny_params, method, PROMPTS, "cpu", 10)
+        run = build_run(saved_bases["bf16" if method == "lora" else "nf4"], method, PROMPTS, "cpu", 10, **groups_of(tiny_params))
         acts = SavedActivations(run.model)
         with acts.track():
             optimizer_step(run, [(images[2 * i:2 * i + 2], labels[2 * i:2 * i + 2]) for i in range(accum)])

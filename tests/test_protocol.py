@@ -9,7 +9,7 @@ META = {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bf
 
 
 def test_the_shipped_recipe_is_clip_loras():
-    rec = P.record(config.load_with(), SPLIT, META)
+    rec = P.record(config.load_with().data, config.load_with().lora, config.load_with().train, SPLIT, META)
     devs = P.deviations(rec)
     assert devs[-len(P.ALWAYS):] == P.ALWAYS
     assert [d for d in devs if d not in P.ALWAYS] == [
@@ -24,7 +24,7 @@ def test_each_departure_from_the_recipe_is_listed():
     p = config.load_with()
     p.data.split_draw, p.train.batching, p.lora.r, p.train.decode_short_side = "keyed", "full", 8, 0
     p.train.fused_qkv = False  # PEFT's own modules: no arithmetic deviation
-    devs = P.deviations(P.record(p, SPLIT, {**META, "activation": "gelu"}))
+    devs = P.deviations(P.record(p.data, p.lora, p.train, SPLIT, {**META, "activation": "gelu"}))
     extra = [d for d in devs if d not in P.ALWAYS and not d.startswith("Precision")]
     assert any(d.startswith("Few-shot draw: 'keyed'") for d in extra)
     assert any(d.startswith("Batching: 'full'") for d in extra)
@@ -35,7 +35,7 @@ def test_each_departure_from_the_recipe_is_listed():
 
 
 def test_markdown_groups_identical_records():
-    rec = P.record(config.load_with(), SPLIT, META)
+    rec = P.record(config.load_with().data, config.load_with().lora, config.load_with().train, SPLIT, META)
     text = "\n".join(P.markdown({"lora/eurosat": rec, "qlora/eurosat": rec}))
     assert text.count("What ran:") == 1 and "Runs " not in text
     other = {**rec, "batching": "full"}
@@ -44,6 +44,6 @@ def test_markdown_groups_identical_records():
 
 
 def test_precision_says_what_ran():
-    rec = P.record(config.load_with(), SPLIT, {**META, "compute_dtype": "float32"})
+    rec = P.record(config.load_with().data, config.load_with().lora, config.load_with().train, SPLIT, {**META, "compute_dtype": "float32"})
     precision = next(d for d in P.deviations(rec) if d.startswith("Precision"))
     assert "computes in float32" in precision and "no autocast" in precision

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from clip_qlora.core import qkv
 from clip_qlora.core.model import SplitAttention, layernorms_in_compute_dtype
-from clip_qlora.jobs.train import build_run, loss_on, optimizer_step
+from clip_qlora.core.step import build_run, loss_on, optimizer_step, groups_of
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
 
@@ -21,7 +21,7 @@ def _run(saved_bases, params, method, fused, seed=3):
     params = copy.deepcopy(params)
     params.train.fused_qkv = fused
     base = saved_bases["bf16" if method.startswith("lora") else "nf4"]
-    run = build_run(base, params, method, PROMPTS, "cpu", 10, seed=seed)
+    run = build_run(base, method, PROMPTS, "cpu", 10, seed=seed, **groups_of(params))
     with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient
         g = torch.Generator().manual_seed(11)
         for n, p in sorted(run.model.named_parameters()):
@@ -142,7 +142,7 @@ def test_fused_function_sees_the_compute_dtype_in_both_arms(tmp_path, tiny_param
     for base, settings in (("bf16", None), ("nf4", NF4)):
         model, meta = make_base("clip-tiny", "none", base, settings, torch.bfloat16, "cpu")
         save_base(model, meta, tmp_path / base)
-        run = build_run(tmp_path / base, tiny_params, "lora" if base == "bf16" else "qlora", PROMPTS, "cpu", 10)
+        run = build_run(tmp_path / base, "lora" if base == "bf16" else "qlora", PROMPTS, "cpu", 10, **groups_of(tiny_params))
         dtypes = []
 
         def spy(ctx, x, proj, *lora):

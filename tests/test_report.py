@@ -113,7 +113,7 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
 
 
 COOP_GAIN = 5.0
-PROTOCOL = protocol.record(config.load_with(), {"draw": "clip_lora: ..."},
+PROTOCOL = protocol.record(config.load_with().data, config.load_with().lora, config.load_with().train, {"draw": "clip_lora: ..."},
                            {"activation": "quick_gelu", "pretrained": "openai", "compute_dtype": "bfloat16"})
 
 

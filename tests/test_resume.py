@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import clip_qlora.jobs.train as train_mod
 from clip_qlora import config
-from clip_qlora.jobs.train_stage import train as train_stage
+from cli_helpers import train_stage
 from clip_qlora.runtime.io import UserError
 
 from cli_helpers import (demo_params, invoke, project, run_stage, set_key, single_thread, start_stage,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from clip_qlora.data.images import TrainImages
-from clip_qlora.jobs.train import _accumulate, batch_indices, build_run, loss_on, optimizer_step
+from clip_qlora.core.step import _accumulate, build_run, loss_on, optimizer_step, groups_of
+from clip_qlora.data.batches import batch_indices
 
 PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
 
@@ -17,7 +18,7 @@ PROMPTS = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow"
 def _run(saved_bases, params, method, steps=10):
     base = saved_bases["bf16" if method.startswith("lora") else "nf4"]
     torch.manual_seed(0)
-    run = build_run(base, params, method, PROMPTS, "cpu", steps)
+    run = build_run(base, method, PROMPTS, "cpu", steps, **groups_of(params))
     with torch.no_grad():  # lora_B starts at zero, which would make lora_A's gradient zero too
         for n, p in run.model.named_parameters():
             if "lora_B" in n:
@@ -140,7 +141,7 @@ def test_adapter_branch_runs_in_the_compute_dtype_in_both_arms(tmp_path, tiny_pa
         model, meta = make_base("clip-tiny", "none", base, settings, torch.bfloat16, "cpu")
         save_base(model, meta, tmp_path / base)
         torch.manual_seed(0)
-        run = build_run(tmp_path / base, tiny_params, "lora" if base == "bf16" else "qlora", PROMPTS, "cpu", 10)
+        run = build_run(tmp_path / base, "lora" if base == "bf16" else "qlora", PROMPTS, "cpu", 10, **groups_of(tiny_params))
         dtypes = []
         hooks = [m.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
                  for n, m in run.model.named_modules() if n.endswith("lora_dropout.default")]
@@ -233,7 +234,7 @@ def test_expanded_absmax_trains_identically(saved_bases, tiny_params, tmp_path):
 
 def test_the_seed_sets_the_adapter_initialisation(saved_bases, tiny_params):
     def lora_a(seed):
-        run = build_run(saved_bases["bf16"], tiny_params, "lora", PROMPTS, "cpu", 10, seed=seed)
+        run = build_run(saved_bases["bf16"], "lora", PROMPTS, "cpu", 10, seed=seed, **groups_of(tiny_params))
         named = dict(run.model.named_parameters())
         assert all(not v.any() for k, v in named.items() if "lora_B" in k)  # B starts at zero: no change at step 0
         return torch.cat([v.flatten() for k, v in sorted(named.items()) if "lora_A" in k])
@@ -248,13 +249,13 @@ def test_resume_fingerprint_ignores_runtime_knobs_only(tiny_params):
     to what training computes (a train.* value, the base's settings) discards it."""
     import copy
 
-    from clip_qlora.jobs.train import run_fingerprint
+    from clip_qlora.jobs.checkpoint import run_fingerprint
 
     meta = {"arch": "clip-tiny", "base": "nf4", "settings": {"expand_absmax": True}}
     images = TrainImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [(4, 4), (4, 4)], torch.tensor([0, 1]))
 
     def fingerprint(params, meta=meta):
-        return run_fingerprint(params, "qlora", 1, meta, images)
+        return run_fingerprint("qlora", 1, params.data.shots, params.lora, params.train, meta, images)
 
     reference = fingerprint(tiny_params)
     for key, value in (("cuda_graph", False), ("cublas_workspace_kib", 0), ("overlap_text", False),

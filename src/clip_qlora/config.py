@@ -373,6 +373,57 @@ def load(path: str | Path = "params.yaml") -> Params:
     return validate(parse(_read(Path(path))))
 
 
+class Undeclared(AttributeError):
+    """A stage read a params key that its dvc.yaml entry does not list: DVC would not rerun it when that
+    key changes. A programming error (add the key to the stage's PARAMS and to dvc.yaml), not a user's."""
+
+
+class _Declared:
+    """A params group of which a stage declared only some keys (`data.root`, not all of `data`)."""
+
+    def __init__(self, group, name: str, keys: frozenset[str], stage: str):
+        self._group, self._name, self._keys, self._stage = group, name, keys, stage
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):  # our own fields before unpickling restores them, copy/pickle probing
+            raise AttributeError(key)
+        if key not in self._keys:
+            raise Undeclared(f"stage {self._stage} read {self._name}.{key}, which its dvc.yaml params do not list")
+        return getattr(self._group, key)
+
+
+class _DeclaredParams:
+    def __init__(self, p: Params, groups: dict, stage: str):
+        self._p, self._groups, self._stage = p, groups, stage
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        if key not in self._groups:
+            raise Undeclared(f"stage {self._stage} read {key}, which its dvc.yaml params do not list")
+        return self._groups[key]
+
+
+# Read by every stage though dvc.yaml lists them only where they are inputs: they name the stage instances
+# (matrix/foreach over ${methods} and ${datasets}), so DVC already reruns what a change to them touches.
+INSTANCE_KEYS = ("datasets", "methods")
+
+
+def declared(p: Params, keys, stage: str):
+    """`p` as stage `stage` may read it: only `keys` (dvc.yaml's `params:` of the stage: a group, `group.key`,
+    or a top-level key) and INSTANCE_KEYS; anything else raises Undeclared when read."""
+    wanted: dict[str, set | None] = {}
+    for k in (*keys, *INSTANCE_KEYS):
+        group, _, key = k.partition(".")
+        if not key:
+            wanted[group] = None
+        elif wanted.get(group, set()) is not None:
+            wanted.setdefault(group, set()).add(key)
+    groups = {g: getattr(p, g) if ks is None else _Declared(getattr(p, g), g, frozenset(ks), stage)
+              for g, ks in wanted.items()}
+    return _DeclaredParams(p, groups, stage)
+
+
 def auto_eval_workers() -> int:
     """`runtime.eval_workers: auto`: the CPU cores this process may run on, at most 16. The reference decode
     path (PIL in DataLoader workers) needs them to keep a GPU fed; 16 fed an H200 1,690 test images/s

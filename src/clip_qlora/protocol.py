@@ -61,12 +61,12 @@ def with_evaluation(record: dict, eval_metrics: dict | None) -> dict:
     return {**record, "eval_decode": decode} if decode else record
 
 
-def record(params, split: dict, meta: dict) -> dict:
-    """The protocol facts of one training run, for its metrics file."""
-    t, lo = params.train, params.lora
+def record(data, lora, train, split: dict, meta: dict) -> dict:
+    """The protocol facts of one training run, for its metrics file (data, lora, train: those params groups)."""
+    t, lo = train, lora
     return {
-        "split_draw": params.data.split_draw, "split_draw_detail": split.get("draw"), "batching": t.batching,
-        "template": params.data.template, "decode_short_side": t.decode_short_side,
+        "split_draw": data.split_draw, "split_draw_detail": split.get("draw"), "batching": t.batching,
+        "template": data.template, "decode_short_side": t.decode_short_side,
         "iterations_per_shot": t.iterations_per_shot, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
         "lr": t.lr, "weight_decay": t.weight_decay, "schedule": t.schedule, "min_lr": t.min_lr,
         "logit_scale": t.logit_scale, "lora_r": lo.r, "lora_alpha": lo.alpha, "lora_dropout": lo.dropout,

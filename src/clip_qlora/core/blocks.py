@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from clip_qlora.core.seeds import mix
+
 
 def transformer_blocks(clip: nn.Module) -> list[nn.Module]:
     """The residual blocks of the vision tower, then of the text tower."""
@@ -85,7 +87,7 @@ class BlockDropout:
     def seed(self, seed: int) -> None:
         """Seed every block's generators from the step's seed (host-side only; a graph replay reads it)."""
         for i, s in enumerate(self.streams):
-            value = (seed * 1_000_003 + 7919 * (i + 1)) % (2**63 - 1)
+            value = mix(seed, 7919 * (i + 1))
             s.forward.manual_seed(value)
             if s.recompute is not None:
                 s.recompute.manual_seed(value)

@@ -7,14 +7,20 @@ taken from fp32 features (`model.cosine_logits`, as the training loss takes them
 """
 from __future__ import annotations
 
+import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from clip_qlora.core import adapters as ad
-from clip_qlora.core.base import load_base
+from clip_qlora.core.base import load_base, resolve_device
 from clip_qlora.core.model import preprocess_stats
 from clip_qlora.core.scoring import accuracy, class_features, logits, per_class, predict, tokens_of
+from clip_qlora.data.images import eval_batches
+from clip_qlora.data.splits import class_prompts, load_split
+from clip_qlora.paths import adapter_dir, base_of, common, split_path
+from clip_qlora.runtime.io import UserError, read_json, write_json
 
 
 def with_adapters(base, adapter_dirs: dict[str, str | Path]):
@@ -26,7 +32,7 @@ def with_adapters(base, adapter_dirs: dict[str, str | Path]):
     return peft_model
 
 
-def evaluate_method(base_dir, adapter_dirs: dict[str, str], prompts, classnames, make_batches, device: str):
+def evaluate_seeds(base_dir, adapter_dirs: dict[str, str], prompts, classnames, make_batches, device: str):
     """Accuracy of each seed's adapters, in one pass over the test split: each batch is decoded once and goes
     through every seed's adapters, switched in place; the base is loaded once."""
     model, meta = load_base(base_dir, device)
@@ -60,3 +66,41 @@ def evaluate_method(base_dir, adapter_dirs: dict[str, str], prompts, classnames,
             out["confusion"] = [{"actual": classnames[a], "predicted": classnames[p]}
                                 for a, p in zip(gold.tolist(), pred.tolist())]
     return out
+
+
+def evaluate_dataset(method: str, dataset: str, *, data, eval, runtime, device: str) -> dict:
+    """The evaluate stage: metrics/eval/<method>/<dataset>.json and its confusion plot. data: root and seeds;
+    eval: the eval group; runtime: eval_workers only (same images, same order); device: model.device."""
+    device = resolve_device(device)
+    root = Path(data.root)
+    split = load_split(split_path(dataset), root)
+    dirs = {str(s): adapter_dir(method, dataset, s) for s in data.seeds}
+    for d in dirs.values():
+        if not (d / "adapter_config.json").exists():
+            raise UserError(f"{d}: no adapters; run the train stage first (dvc repro train@{method}-{dataset})")
+
+    def make_batches(size, mean, std):  # the reference's pixels unless eval.decode is fast
+        return eval_batches(split, root, size, mean, std, eval.batch_size, runtime.eval_workers, device,
+                            eval.decode)
+
+    r = evaluate_seeds(base_dir=base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
+                        classnames=split["classnames"], make_batches=make_batches, device=device)
+    accs = list(r["accuracy"].values())
+    per_class = {c: statistics.mean(v[c] for v in r["per_seed_per_class"].values()
+                                    if v[c] is not None) if any(v[c] is not None for v in
+                                                                r["per_seed_per_class"].values()) else None
+                 for c in split["classnames"]}
+    metrics = {"method": method, "dataset": dataset, "seeds": list(data.seeds),
+               "accuracy_mean": statistics.mean(accs),
+               "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+               "accuracy": r["accuracy"],
+               "per_class": per_class, "n_test": r["n_test"], "passes": r["passes"],
+               "eval_decode": eval.decode,  # the report lists the fast path among the deviations
+               **common(device, read_json(base_of(method) / "base.json"))}
+    write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
+    # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
+    print(f"evaluate {method} {dataset}: {r['n_test']} test images, "
+          f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, {r['eval_seconds']:.2f} s "
+          f"({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
+    write_json(Path("plots/confusion") / method / f"{dataset}.json", r["confusion"])
+    return metrics

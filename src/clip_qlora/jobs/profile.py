@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from clip_qlora.core.memory import (CudaPeak, DriverMemory, SavedActivations, allocated_bytes, frozen_weight_bytes,
                      trainable_bytes)
-from clip_qlora.jobs.train import build_run, make_step, optimizer_step
+from clip_qlora.core.base import resolve_device
+from clip_qlora.core.graphs import make_step
+from clip_qlora.core.step import build_run, optimizer_step
+from clip_qlora.paths import base_of, common
+from clip_qlora.runtime.io import read_json, write_json
 
 
 def parse_batch(spec: str) -> tuple[int, int]:
@@ -59,16 +64,17 @@ def median_step_ms(step, n: int, device: str, seed0: int = 0) -> float:
     return statistics.median(times)
 
 
-def measure(params, method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
-            device: str) -> dict:
-    """Base bytes on the device, saved-activation bytes, allocator peaks and median step time of one configuration."""
+def measure(method: str, base_dir, micro: int, accum: int, n_classes: int, warmup: int, steps: int, device: str,
+            groups: dict) -> dict:
+    """Base bytes on the device, saved-activation bytes, allocator peaks and median step time of one
+    configuration. groups: the lora, train and runtime params groups, by name."""
     prompts = synthetic_prompts(n_classes)
-    return measure_run(lambda total: build_run(base_dir, params, method, prompts, device, total), params,
-                       micro, accum, n_classes, warmup, steps, device)
+    return measure_run(lambda total: build_run(base_dir, method, prompts, device, total, **groups), micro, accum,
+                       n_classes, warmup, steps, device, groups["runtime"].cuda_graph)
 
 
-def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup: int, steps: int,
-                device: str) -> dict:
+def measure_run(make_run, micro: int, accum: int, n_classes: int, warmup: int, steps: int, device: str,
+                cuda_graph: bool) -> dict:
     """`measure` of the Run that make_run(total_steps) builds (the scale study builds its base on the device).
 
     Everything make_run allocates counts as the run's memory; it should leave no cached transient behind.
@@ -104,7 +110,7 @@ def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup
     driver = DriverMemory(device)
     driver_eager = driver.read()
     # Time with the step training runs (a CUDA graph where possible).
-    step, mode = make_step(run, batches, params.runtime.cuda_graph)
+    step, mode = make_step(run, batches, cuda_graph)
     for i in range(warmup):
         torch.manual_seed(1 + warmup + steps + i)
         step(batches)
@@ -120,4 +126,27 @@ def measure_run(make_run, params, micro: int, accum: int, n_classes: int, warmup
            "saved_activation_bytes": acts.bytes, **memory, "driver_eager_bytes": driver_eager,
            "driver_bytes": driver_bytes, "baseline_allocated_bytes": None if static_alloc is None else before,
            "step_ms": step_ms, "step_mode": mode}
+    return out
+
+
+def profile_method(method: str, *, lora, train, runtime, profile, device: str) -> dict:
+    """The profile stage: metrics/profile/<method>.json, each profile.batches configuration measured in a
+    process of its own on CUDA."""
+    device = resolve_device(device)
+    base = base_of(method)
+    meta = read_json(base / "base.json")
+    out = {"method": method, "arch": meta["arch"], "n_classes": profile.n_classes}
+    for spec in profile.batches:
+        micro, accum = parse_batch(spec)
+        r = isolated(measure, method, base, micro, accum, profile.n_classes, profile.warmup, profile.steps, device,
+                     dict(lora=lora, train=train, runtime=runtime), device=device)
+        out["device_base_bytes"] = r["device_base_bytes"]
+        out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
+        out["trainable_params"] = r["trainable_params"]
+        out["trainable_bytes"] = r["trainable_bytes"]
+        out["step_mode"] = r["step_mode"]
+        out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
+                                             "peak_reserved_bytes", "step_ms")}
+    out.update(common(device, meta))
+    write_json(Path("metrics/profile") / f"{method}.json", out)
     return out

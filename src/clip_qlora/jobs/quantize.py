@@ -21,7 +21,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def quantize(p, base: str) -> dict:
+def quantize_base(base: str, p) -> dict:
+    """The quantize stage: models/<base>/, its methods' pointers and metrics/static/<base>.json. p: the params
+    the stage declares (model, and the group the backend's settings come from)."""
     device = resolve_device(p.model.device)
     dtype = resolve_dtype(p.model.compute_dtype, device)
     settings = backends.get(base).settings(p)

@@ -39,7 +39,7 @@ from clip_qlora.core.memory import DriverMemory
 from clip_qlora.runtime.processes import FreshProcesses
 from clip_qlora.jobs.profile import measure_run, parse_batch, synthetic_prompts
 from clip_qlora.core.random_base import make_random_base, parameter_count
-from clip_qlora.jobs.train import run_on_model, set_cublas_workspace
+from clip_qlora.core.step import run_on_model, set_cublas_workspace
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def measure_config(params, arch: str, method: str, spec: str, device: str) -> tu
         model, meta = make_random_base(arch, base, settings, dtype, device)
         built["base_build_seconds"] = meta["build_seconds"]
         _free(device)  # what the build let go of (the bf16 weights NF4 replaced) must not stay reserved
-        return run_on_model(model, meta, params, method, prompts, device, total_steps)
+        return run_on_model(model, meta, method, prompts, device, total_steps, lora=params.lora, train=params.train,
+                            runtime=params.runtime)
 
     env = {"device": device_name(device), "gpu_gib": gpu_gib(device)}
     context = None
@@ -88,7 +89,7 @@ def measure_config(params, arch: str, method: str, spec: str, device: str) -> tu
         context = DriverMemory(device).read()
     oom = None
     try:
-        r = measure_run(make_run, params, micro, accum, s.n_classes, s.warmup, s.steps, device)
+        r = measure_run(make_run, micro, accum, s.n_classes, s.warmup, s.steps, device, params.runtime.cuda_graph)
     except torch.OutOfMemoryError as e:
         oom = str(e).splitlines()[0] if str(e) else "out of memory"
     # outside the except block: its traceback (and every tensor its frames hold) is gone now
@@ -147,8 +148,9 @@ def print_line(record: dict, method: str, spec: str, seconds: float) -> None:
     print(_line(record, method, spec, seconds), file=sys.stderr, flush=True)
 
 
-def run(p, arch: str) -> dict:
-    """The `scale@<arch>` stage: measure, then write metrics/scale/<arch>.json (once, complete)."""
+def scale_arch(p, arch: str) -> dict:
+    """The `scale@<arch>` stage: measure, then write metrics/scale/<arch>.json (once, complete). p: the params
+    the stage declares (methods, model.compute_dtype, model.device, quant, lora, train, scale.*, runtime.*)."""
     device = resolve_device(p.model.device)
     record = measure_arch(p, arch, device, on_result=print_line)
     write_json(metrics_path(arch), record)

@@ -23,16 +23,18 @@ def metrics_path(base: str) -> Path:
     return Path("metrics/zeroshot") / f"{base}.json"
 
 
-def zeroshot(p, base: str) -> dict:
-    device = resolve_device(p.model.device)
-    root = Path(p.data.root)
-    splits = {d: load_split(split_path(d), root) for d in p.datasets}  # every split checked before the model
+def zeroshot_base(base: str, datasets: list[str], *, data, eval, runtime, device: str) -> dict:
+    """The zeroshot stage: metrics/zeroshot/<base>.json. data: root and template; eval: the eval group;
+    runtime: eval_workers only; device: model.device."""
+    device = resolve_device(device)
+    root = Path(data.root)
+    splits = {d: load_split(split_path(d), root) for d in datasets}  # every split checked before the model
     model, meta = load_base(base_dir(base), device)
     per_dataset = {}
     for dataset, split in splits.items():
         def make_batches(size, mean, std, split=split):  # the reference's pixels unless eval.decode is fast
-            return eval_batches(split, root, size, mean, std, p.eval.batch_size, p.runtime.eval_workers, device,
-                                p.eval.decode)
+            return eval_batches(split, root, size, mean, std, eval.batch_size, runtime.eval_workers, device,
+                                eval.decode)
 
         # both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row used CoOp's
         # per-dataset templates
@@ -40,12 +42,12 @@ def zeroshot(p, base: str) -> dict:
                        for name, template in zero_shot_templates(dataset).items()}
         r = zero_shot(model, meta, prompt_sets, make_batches, device)
         # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
-        per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
+        per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][data.template], "zero_shot": r["zero_shot"],
                                 "n_test": r["n_test"]}
         # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
         print(f"zeroshot {base} {dataset}: {r['n_test']} test images, "
               f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, "
               f"{r['eval_seconds']:.2f} s ({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
-    metrics = {"base": base, "datasets": per_dataset, "eval_decode": p.eval.decode, **common(device, meta)}
+    metrics = {"base": base, "datasets": per_dataset, "eval_decode": eval.decode, **common(device, meta)}
     write_json(metrics_path(base), metrics)  # one file, written once every dataset is scored
     return metrics
