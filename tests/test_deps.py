@@ -1,18 +1,179 @@
-"""dvc.yaml against the code: each stage's code deps are its import closure, and the foreach lists DVC cannot
-import from Python (quantize's bases, the loss plot's methods) agree with clip_qlora.core.backends."""
+"""dvc.yaml against the code: each stage's code deps are its import closure, and the lists DVC cannot import
+from Python agree with clip_qlora.core.backends (quantize's and zeroshot's bases: generated with the code deps by
+`python -m tools.dvc_deps`; the loss plot's methods: params.yaml's)."""
 from __future__ import annotations
 
 import copy
+import importlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
 
 from clip_qlora.core.backends import BACKENDS, METHODS
 
-from import_closure import REPO, closure, code_dep_problems, load_pipeline, stage_instances
+from cli_helpers import ENV
+from tools.dvc_deps import (COMMAND, REPO, DvcYamlError, backends_package, closure, code_dep_problems,
+                            load_pipeline, module_file, rewrite, stage_instances, stale_message)
+
+DVC_YAML = (REPO / "dvc.yaml").read_text()
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+BACKENDS_DIR = module_file(backends_package()).parent.as_posix()  # wherever the package sits
+
+
+def test_dvc_yaml_is_what_the_generator_writes():
+    """Rewriting the committed dvc.yaml changes no byte (every comment, data dep and layout stays); when the
+    code has moved on, the failure names what differs and the command that rewrites it."""
+    result = rewrite(DVC_YAML, PARAMS)
+    assert result.text == DVC_YAML, stale_message(Path("dvc.yaml"), result)
+    assert result.stale == []
 
 
 def test_every_stage_lists_exactly_the_code_it_imports():
+    """The same, instance by instance as DVC expands them, without the generator's templating."""
     dvc, params = load_pipeline()
     problems = code_dep_problems(dvc, params)
-    assert not problems, "dvc.yaml code deps differ from the import closure:\n" + "\n".join(problems)
+    assert not problems, ("dvc.yaml code deps differ from the import closure:\n" + "\n".join(problems)
+                          + f"\nregenerate them with: {COMMAND}")
+
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+def test_a_removed_or_extra_code_line_is_restored():
+    """From a dvc.yaml missing code lines (one, the templated backend of quantize, all of aggregate's) or listing
+    one too many, the rewrite gives back the committed file, naming each stale stage and what it runs."""
+    backend = f"{BACKENDS_DIR}/${{key}}.py"
+    stale = _edit(DVC_YAML, "      - stages/prepare.py\n", "")
+    stale = _edit(stale, f"      - {backend}\n", "")
+    stale = _edit(stale, "    - metrics/scale\n", "    - metrics/scale\n    - stages/train.py\n")
+    start = stale.index("  aggregate:")  # the last stage
+    tail, removed = re.subn(r"^    - (stages|src/clip_qlora)/\S+\.py\n", "", stale[start:], flags=re.M)
+    assert removed > 3
+    result = rewrite(stale[:start] + tail, PARAMS)
+    assert result.text == DVC_YAML
+    assert result.stale == ["prepare", "quantize", "scale_report", "aggregate"]
+    package = backends_package()
+    for line in ("prepare: runs stages.prepare (stages/prepare.py) but its deps do not list it",
+                 f"quantize@nf4: runs {package}.nf4 ({BACKENDS_DIR}/nf4.py) but its deps do not list it",
+                 "scale_report: lists stages/train.py but does not import it",
+                 "aggregate: runs stages.aggregate (stages/aggregate.py) but its deps do not list it"):
+        assert line in result.details, result.details
+
+
+def test_a_base_missing_from_a_foreach_is_restored():
+    """The foreach lists over bases are the backends table: a base left out (or a field wrong) is put back."""
+    stale = DVC_YAML.replace("      nf4: {params: quant, method: qlora}\n", "")
+    stale = stale.replace("      bf16: {params: model, method: lora}\n", "      bf16: {params: quant, method: lora}\n")
+    stale = stale.replace("foreach: [bf16, nf4]", "foreach: [bf16]")
+    assert stale != DVC_YAML
+    result = rewrite(stale, PARAMS)
+    assert result.text == DVC_YAML
+    assert result.stale == ["quantize", "zeroshot"]
+
+
+def _code_copy(tmp_path: Path) -> Path:
+    """The project's .py files (its whole import graph) under tmp_path, to change the layout there."""
+    def not_code(folder, names):
+        return [n for n in names if n == "__pycache__" or not (n.endswith(".py") or Path(folder, n).is_dir())]
+
+    for name in ("src", "stages"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=not_code)
+    return tmp_path
+
+
+def test_a_module_in_a_new_folder_is_listed_where_it_sorts(tmp_path):
+    """The layout is read from the files: a new package under src/clip_qlora that a stage imports lazily lands in
+    that stage's deps (its __init__.py too), in sorted place, and nowhere else."""
+    repo = _code_copy(tmp_path)
+    room = repo / "src/clip_qlora/room"
+    room.mkdir()
+    (room / "__init__.py").write_text("")
+    (room / "helper.py").write_text("import clip_qlora\n")
+    with open(repo / "stages/aggregate.py", "a") as f:
+        f.write("\n\ndef _later():\n    from clip_qlora.room import helper  # noqa: F401\n")
+    result = rewrite(DVC_YAML, PARAMS, repo)
+    assert result.stale == ["aggregate"]
+    assert result.details == ["aggregate: runs clip_qlora.room (src/clip_qlora/room/__init__.py) but its deps do not "
+                              "list it", "aggregate: runs clip_qlora.room.helper (src/clip_qlora/room/helper.py) but "
+                              "its deps do not list it"]
+    new = ["    - src/clip_qlora/room/__init__.py\n", "    - src/clip_qlora/room/helper.py\n"]
+    lines = result.text.splitlines(keepends=True)
+    at = lines.index(new[0])
+    assert lines[at:at + 2] == new and "".join(lines[:at] + lines[at + 2:]) == DVC_YAML
+    block = lines[result.text[:result.text.index("  aggregate:")].count("\n"):]
+    src = [line for line in block if line.startswith("    - src/clip_qlora/") and line.endswith(".py\n")]
+    assert new[0] in src and src == sorted(src)
+
+
+def test_a_registered_backend_is_written_into_the_foreach_lists_and_deps(tmp_path, monkeypatch):
+    """A base registered in the backends table (README, Extending) gets its quantize entry (fields from the
+    table), its zeroshot entry and, in every stage that may call backends.get, its module; the per-base stages
+    keep their one templated entry."""
+    backends = importlib.import_module(backends_package())
+    repo = _code_copy(tmp_path)
+    (repo / BACKENDS_DIR / "half.py").write_text('"""A base stored in fp16."""\n')
+    monkeypatch.setitem(backends.BACKENDS, "half", backends.Backend("hlora", "Half-LoRA", "model"))
+    result = rewrite(DVC_YAML, PARAMS, repo)
+    assert result.stale == ["quantize", "zeroshot", "train", "evaluate", "profile", "scale"]
+    expected = _edit(DVC_YAML, "      nf4: {params: quant, method: qlora}\n",
+                     "      nf4: {params: quant, method: qlora}\n      half: {params: model, method: hlora}\n")
+    expected = _edit(expected, "foreach: [bf16, nf4]", "foreach: [bf16, nf4, half]")
+    nf4 = re.escape(f"{BACKENDS_DIR}/nf4.py")
+    expected, n = re.subn(rf"^( +- ){nf4}\n", rf"\1{BACKENDS_DIR}/half.py\n\g<0>", expected, flags=re.M)
+    assert n == 4
+    assert result.text == expected
+
+
+def test_a_hand_kept_path_that_is_gone_is_one_line():
+    """Data the code opens (model_configs) is listed by hand and kept as written; after a move that left it
+    behind, the rewrite stops naming the entry rather than writing a dvc.yaml DVC would refuse."""
+    gone = DVC_YAML.replace("model_configs\n", "model_configs_moved\n")
+    assert gone != DVC_YAML
+    with pytest.raises(DvcYamlError, match=r"^dvc.yaml: quantize@bf16 lists src/clip_qlora/\S*model_configs_moved, "
+                                           r"which does not exist \(data files the code opens are listed by hand"):
+        rewrite(gone, PARAMS)
+
+
+def _command(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "tools.dvc_deps", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_command_checks_and_rewrites_in_place(tmp_path):
+    """`python -m tools.dvc_deps` from the repository root: --check passes on the committed file; on a stale copy
+    it exits 1 naming the stage and the command to run, changing nothing; without --check it rewrites the copy
+    back to the committed file. A code dep it cannot rewrite in place is one line naming the line, exit 2."""
+    assert _command("--check").returncode == 0
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    target = tmp_path / "dvc.yaml"
+    stale = _edit(DVC_YAML, "    - stages/scale_report.py\n", "")
+    target.write_text(stale)
+    r = _command("--check", "--file", str(target))
+    assert r.returncode == 1 and target.read_text() == stale
+    assert r.stderr.splitlines() == [
+        "dvc.yaml is stale: the code deps or the foreach lists of bases of scale_report differ from the code",
+        "  scale_report: runs stages.scale_report (stages/scale_report.py) but its deps do not list it",
+        f"regenerate it with: {COMMAND}"]
+    r = _command("--file", str(target))
+    assert r.returncode == 0, r.stderr
+    assert target.read_text() == DVC_YAML
+    assert _command("--check", "--file", str(target)).returncode == 0
+
+    commented = _edit(stale, "    - stages/app.py\n", "    - stages/app.py  # why\n")
+    target.write_text(commented)
+    r = _command("--file", str(target))
+    line = commented[:commented.index("app.py  # why")].count("\n") + 1
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: dvc.yaml line {line}: code dep stages/app.py "
+                                                  f"must stand alone on its line (`- path` or `name: value`) to be "
+                                                  f"rewritten\n")
+    assert target.read_text() == commented
 
 
 def _without(dvc: dict, stage: str, dep: str) -> dict:
@@ -47,8 +208,6 @@ def test_an_extra_dependency_is_named():
 
 
 def test_closure_follows_lazy_imports_and_pins_the_quantized_base():
-    from pathlib import Path
-
     prepare = closure("stages.prepare", list(BACKENDS))
     assert Path("src/clip_qlora/data/splits.py") in prepare  # imported inside the command function
     assert Path("src/clip_qlora/data/images.py") not in prepare  # torch: prepare never imports it
@@ -230,3 +389,31 @@ def test_a_replaced_image_reruns_the_stages_that_read_it(tmp_path):
     status = replace(split["train"]["1"][0][0])
     assert status == {"train@lora-shapes": [{"changed deps": {"data/splits/shapes.train.sha256": "modified"}}],
                       "zeroshot@bf16": splits_changed}, status
+
+
+def test_each_stage_declares_the_params_dvc_yaml_lists():
+    """A stage command reads params.yaml through a view of the keys it declares (stages/<stage>.py: PARAMS;
+    quantize: per base); those are exactly its dvc.yaml `params:`, so a key read is a key DVC tracks."""
+    from stages import quantize
+
+    dvc, params = load_pipeline()
+    for name, body in dvc["stages"].items():
+        if name == "quantize":
+            for base, item in body["foreach"].items():
+                declared = quantize.params_of(base)
+                listed = [p.replace("${item.params}", item["params"]) for p in body["do"]["params"]]
+                assert list(declared) == list(dict.fromkeys(listed)), (name, base)
+            continue
+        module = importlib.import_module(f"stages.{name}")
+        assert list(module.PARAMS) == body.get("do", body)["params"], name
+
+
+def test_reading_an_undeclared_key_is_an_error_naming_it():
+    from clip_qlora import config
+
+    p = config.declared(config.load_with(), ("data.root", "lora"), "train")
+    assert p.data.root and p.lora.r == 2 and p.methods  # declared keys, a whole group, an instance key
+    with pytest.raises(config.Undeclared, match=r"stage train read data\.shots, which its dvc.yaml params do not"):
+        p.data.shots
+    with pytest.raises(config.Undeclared, match=r"stage train read quant,"):
+        p.quant

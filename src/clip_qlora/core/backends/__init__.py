@@ -12,8 +12,8 @@ Each backend is the module `backends/<base>.py` with
 
 and one `register` call below. Adding one (e.g. an 8-bit or HQQ base) is that module and that line: the
 method table, the quantize stage's `--base` choices, the config check of `methods` and the report's labels
-all read from here. dvc.yaml cannot import Python: its quantize `foreach` lists the bases by hand, and
-tests/test_deps.py checks it against this table.
+all read from here. dvc.yaml cannot import Python: `python -m tools.dvc_deps` writes this table's bases into
+its quantize and zeroshot `foreach` lists (tests/test_deps.py fails until it has).
 
 Backend modules are imported on first use (`get`): nf4 pulls in bitsandbytes (and torch), which validating
 params, `--help`, prepare and aggregate never need.
