@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-CALLER = ("import sys; from clip_qlora import warm; rc = warm.forward(module='warm_sleeper'); "
+CALLER = ("import sys; from clip_qlora.runtime import warm; rc = warm.forward(module='warm_sleeper'); "
           "sys.exit(99) if rc is None else warm.exit_with(rc)")
 
 

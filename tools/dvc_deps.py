@@ -11,7 +11,7 @@ torch out of `--help`, still run when the stage does), plus the package `__init_
 of the project count.
 
 One import is dynamic: `backends.get(name)` imports `backends/<name>.py`. A module that takes the backends
-package itself (`from clip_qlora import backends`, `import clip_qlora.backends`, `from .backends import get`)
+package itself (`from clip_qlora.core import backends`, `import clip_qlora.core.backends`, `from .backends import get`)
 can call it, so it reaches every backend of `BACKENDS`, except in a stage instance whose foreach key is a base
 (quantize@nf4), which runs only that backend: its deps name it through the key (`backends/${key}.py`). A
 module that takes only names from it (`from .backends import METHODS`, the method table) reaches just the
