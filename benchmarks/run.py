@@ -360,6 +360,7 @@ def main(argv=None) -> dict:
     from clip_qlora import config
     from clip_qlora.runtime.io import UserError
     from clip_qlora.core.model import register_configs
+    from clip_qlora.core.step import groups_of
     from clip_qlora.jobs.profile import measure
 
     if args.threads > 0:
@@ -433,8 +434,8 @@ def main(argv=None) -> dict:
                 elif isinstance(base_dir, Exception):
                     ours_row = {"error": str(base_dir)}
                 else:
-                    ours_row = measure_one("ours ", measure, (params, method, base_dir, b, 1, args.n_classes,
-                                                               args.warmup, args.steps, device), device)
+                    ours_row = measure_one("ours ", measure, (method, base_dir, b, 1, args.n_classes, args.warmup,
+                                                               args.steps, device, groups_of(params)), device)
                 failed |= any("error" in r and "--recipes" not in r["error"] for r in (plain_row, ours_row))
                 res["rows"][key] = {"ours": ours_row, "plain": plain_row}
                 r = {f: ratio(res["rows"], key, f) for f in ("peak_gib", "step_ms")}

@@ -42,7 +42,7 @@ def test_dvc_plots_page_renders_offline_in_a_browser(tmp_path):
     assert chromium, "chromium not found: `apt-get install chromium` (.ci/run installs it)"
     repo = tmp_path / "project"
     (repo / ".dvc").mkdir(parents=True)
-    shutil.copytree(REPO / "src" / "clip_qlora" / "vega", repo / "src" / "clip_qlora" / "vega")
+    shutil.copytree(REPO / "src/clip_qlora/report/vega", repo / "src/clip_qlora/report/vega")
     (repo / "loss.json").write_text(json.dumps([{"step": i, "loss": 1 / (i + 1)} for i in range(20)]))
     (repo / "dvc.yaml").write_text("plots:\n- loss.json:\n    x: step\n    y: loss\n")
     subprocess.run(["dvc", "init", "--no-scm", "-q", "--force"], cwd=repo, env=ENV, check=True)
