@@ -14,6 +14,9 @@ from .memory import (CudaPeak, DriverMemory, SavedActivations, allocated_bytes, 
                      trainable_bytes)
 from .train import build_run, make_step, optimizer_step
 
+# What a fresh measuring process imports while the previous one measures (torch, open_clip, peft, bitsandbytes).
+WARM = ("clip_qlora.profile",)
+
 
 def parse_batch(spec: str) -> tuple[int, int]:
     micro, accum = (int(x) for x in spec.split("x"))
@@ -22,23 +25,6 @@ def parse_batch(spec: str) -> tuple[int, int]:
 
 def synthetic_prompts(n_classes: int) -> list[str]:
     return [f"a photo of a class number {i}." for i in range(n_classes)]
-
-
-def isolated(fn, *args, device: str):
-    """Run fn(*args) in a fresh process on CUDA, so one configuration's allocations (and any memory a library
-    keeps alive after it) cannot inflate the next configuration's peak; in-process on CPU, where the
-    allocator is not measured."""
-    if not device.startswith("cuda"):
-        return fn(*args)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # the child's current device is this process's (the GPU gpu_claim claimed), not CUDA's default device 0
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.cuda.set_device, initargs=(index,)) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def _sync(device):

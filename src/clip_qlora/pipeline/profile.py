@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ..base import resolve_device
 from ..io import read_json, write_json
-from ..profile import isolated, measure, parse_batch
+from ..processes import FreshProcesses
+from ..profile import WARM, measure, parse_batch
 from . import base_of, common
 
 
@@ -14,17 +15,18 @@ def profile(p, method: str) -> dict:
     base = base_of(method)
     meta = read_json(base / "base.json")
     out = {"method": method, "arch": meta["arch"], "n_classes": p.profile.n_classes}
-    for spec in p.profile.batches:
-        micro, accum = parse_batch(spec)
-        r = isolated(measure, p, method, base, micro, accum, p.profile.n_classes, p.profile.warmup,
-                     p.profile.steps, device, device=device)
-        out["device_base_bytes"] = r["device_base_bytes"]
-        out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
-        out["trainable_params"] = r["trainable_params"]
-        out["trainable_bytes"] = r["trainable_bytes"]
-        out["step_mode"] = r["step_mode"]
-        out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
-                                             "peak_reserved_bytes", "step_ms")}
+    with FreshProcesses(device, WARM) as call:  # on CUDA, each configuration in a process of its own
+        for spec in p.profile.batches:
+            micro, accum = parse_batch(spec)
+            r = call(measure, p, method, base, micro, accum, p.profile.n_classes, p.profile.warmup, p.profile.steps,
+                     device)
+            out["device_base_bytes"] = r["device_base_bytes"]
+            out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
+            out["trainable_params"] = r["trainable_params"]
+            out["trainable_bytes"] = r["trainable_bytes"]
+            out["step_mode"] = r["step_mode"]
+            out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
+                                                 "peak_reserved_bytes", "step_ms")}
     out.update(common(device, meta))
     write_json(Path("metrics/profile") / f"{method}.json", out)
     return out
