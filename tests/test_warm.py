@@ -249,7 +249,6 @@ def test_the_stages_served_are_those_that_import_torch():
     imports_torch = {name for name in names
                      if any("torch" in top_level_imports(f) for f in closure(f"stages.{name}", list(BACKENDS)))}
     assert warm.SERVED_STAGES == imports_torch
-    assert names - imports_torch == {"prepare", "aggregate", "scale_report", "check"}  # cold: start in < 1 s
 
 
 def test_a_stage_without_torch_is_not_handed_to_the_server(tmp_path):

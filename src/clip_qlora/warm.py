@@ -56,7 +56,7 @@ ENV = "CLIP_QLORA_WARM"
 PRELOAD = ("torch", "torchvision", "torchvision.transforms.v2", "open_clip", "peft", "bitsandbytes",
            "safetensors.torch", "dvclive", "typer", "rich.progress", "yaml", "PIL.Image")
 # The stages served: those whose code imports torch (tests/test_warm.py checks it against their imports). The
-# others (prepare, aggregate, scale_report, check) start cold in well under a second; a fork buys them nothing.
+# others start cold in well under a second; a fork buys them nothing.
 SERVED_STAGES = frozenset({"quantize", "train", "evaluate", "zeroshot", "profile", "scale"})
 # Variables that may differ between the server and a caller: set per stage by DVC, read at run time only.
 IGNORED_ENV_PREFIXES = ("DVC_", ENV)
