@@ -159,10 +159,15 @@ def test_ctrl_c_reaches_a_served_stage_once(server, tmp_path):
     SIGTERM sent after it (a stage that got SIGINT from the terminal as well would list the test's pid)."""
     record = tmp_path / "rec.json"
     p = client(server, record, mode="sigwait", process_group=server["proc"].pid)
-    wait_for(record)
-    os.killpg(server["proc"].pid, signal.SIGINT)
-    p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=60)
+    stage = wait_for(record)["pid"]
+    try:
+        os.killpg(server["proc"].pid, signal.SIGINT)
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+    except BaseException:  # blocking both signals, the stage would outlive the failed test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stage, signal.SIGKILL)
+        raise
     got = json.loads(Path(f"{record}.signals").read_text())
     assert got == [[signal.SIGINT, p.pid], [signal.SIGTERM, p.pid]]
 
