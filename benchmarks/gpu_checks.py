@@ -306,7 +306,7 @@ def training_checks(args, tmp: Path) -> dict:
     from clip_qlora import config
     from clip_qlora.core.base import make_base, save_base
     from clip_qlora.runtime.io import versions
-    from clip_qlora.jobs.profile import isolated
+    from clip_qlora.runtime.processes import FreshProcesses
 
     out = {"versions": versions(), "graph": {}, "checkpoint": {}, "protocol": {}}
     study = config.load_with()
@@ -322,23 +322,25 @@ def training_checks(args, tmp: Path) -> dict:
         base = backends.METHODS[method].base
         return tmp / (f"{base}-straight" if straight and (tmp / f"{base}-straight").exists() else base)
 
-    if "graph" in args.checks:
-        for method in args.methods or list(backends.METHODS):
-            for spec in args.shapes:
-                shape, _, short = spec.partition("+")
-                micro, accum = (int(v) for v in shape.split("x"))
-                key = f"{method}-{spec}"
-                out["graph"][key] = isolated(graph_equivalence, base_of(method), base_of(method, True), method,
-                                             micro, accum, 6, int(short or 0), device="cuda")
-                print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
-    if "checkpoint" in args.checks:
-        for arm in (b.method for b in backends.BACKENDS.values()):
-            out["checkpoint"][arm] = isolated(checkpoint_equivalence, base_of(arm), arm, 32, 1, device="cuda")
-            print("checkpoint", arm, json.dumps(out["checkpoint"][arm])[:400], flush=True)
-    if "protocol" in args.checks:
-        for method in args.protocol_methods:
-            out["protocol"][method] = isolated(protocol_time, base_of(method), method, device="cuda")
-            print("protocol", method, json.dumps(out["protocol"][method]), flush=True)
+    # each check in a fresh process, none importing while another measures (protocol_time times a run)
+    with FreshProcesses("cuda", ahead=0) as fresh:
+        if "graph" in args.checks:
+            for method in args.methods or list(backends.METHODS):
+                for spec in args.shapes:
+                    shape, _, short = spec.partition("+")
+                    micro, accum = (int(v) for v in shape.split("x"))
+                    key = f"{method}-{spec}"
+                    out["graph"][key] = fresh(graph_equivalence, base_of(method), base_of(method, True), method,
+                                              micro, accum, 6, int(short or 0))
+                    print("graph", key, json.dumps(out["graph"][key])[:400], flush=True)
+        if "checkpoint" in args.checks:
+            for arm in (b.method for b in backends.BACKENDS.values()):
+                out["checkpoint"][arm] = fresh(checkpoint_equivalence, base_of(arm), arm, 32, 1)
+                print("checkpoint", arm, json.dumps(out["checkpoint"][arm])[:400], flush=True)
+        if "protocol" in args.checks:
+            for method in args.protocol_methods:
+                out["protocol"][method] = fresh(protocol_time, base_of(method), method)
+                print("protocol", method, json.dumps(out["protocol"][method]), flush=True)
     return out
 
 

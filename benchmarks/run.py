@@ -121,16 +121,16 @@ def to_row(m: dict, baseline: int | None) -> dict:
     }
 
 
-def measure_one(label: str, fn, args: tuple, device: str) -> dict:
-    """fn(*args) in a fresh process on CUDA (clip_qlora.jobs.profile.isolated): peaks cannot leak across rows."""
+def measure_one(label: str, call, fn, args: tuple, device: str) -> dict:
+    """call(fn, *args): a clip_qlora.runtime.processes.FreshProcesses, a fresh process on CUDA: peaks cannot leak across
+    rows."""
     from clip_qlora.core.memory import allocated_bytes
-    from clip_qlora.jobs.profile import isolated
 
     free(device)
     baseline = allocated_bytes(device)
     t0 = time.perf_counter()
     try:
-        row = to_row(isolated(fn, *args, device=device), baseline)
+        row = to_row(call(fn, *args), baseline)
     except Exception as e:  # an OOM or a broken recipe: record it, keep measuring the rest
         traceback.print_exc()
         sys.stderr.flush()
@@ -361,6 +361,7 @@ def main(argv=None) -> dict:
     from clip_qlora.runtime.io import UserError
     from clip_qlora.core.model import register_configs
     from clip_qlora.core.step import groups_of
+    from clip_qlora.runtime.processes import FreshProcesses
     from clip_qlora.jobs.profile import measure
 
     if args.threads > 0:
@@ -401,7 +402,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--set/--cublas-workspace-kib: {e}") from None
     res["config"]["cublas_workspace_kib"] = params.runtime.cublas_workspace_kib  # what ours ran with
     failed = False
-    with tempfile.TemporaryDirectory(prefix="clip-qlora-bench-") as tmp:
+    # ahead=0: no spare process imports while a row is measured (the rows' step times are the benchmark's)
+    with tempfile.TemporaryDirectory(prefix="clip-qlora-bench-") as tmp, FreshProcesses(device, ahead=0) as call:
         base_dirs = {}
         for base in sorted({METHODS[m].base for m in methods} if "ours" in args.recipes else ()):
             t0 = time.perf_counter()
@@ -426,7 +428,7 @@ def main(argv=None) -> dict:
                 log(f"[{i}/{n}] {key}")
                 plain_row = {"error": "not measured (--recipes)"}
                 if "plain" in args.recipes:
-                    plain_row = measure_one("plain", measure_plain, (
+                    plain_row = measure_one("plain", call, measure_plain, (
                         method, args.arch, b, 1, args.n_classes, args.warmup, args.steps, device, dtype), device)
                 base_dir = base_dirs.get(METHODS[method].base)
                 if "ours" not in args.recipes:
@@ -434,8 +436,9 @@ def main(argv=None) -> dict:
                 elif isinstance(base_dir, Exception):
                     ours_row = {"error": str(base_dir)}
                 else:
-                    ours_row = measure_one("ours ", measure, (method, base_dir, b, 1, args.n_classes, args.warmup,
-                                                               args.steps, device, groups_of(params)), device)
+                    ours_row = measure_one("ours ", call, measure, (method, base_dir, b, 1, args.n_classes,
+                                                                     args.warmup, args.steps, device,
+                                                                     groups_of(params)), device)
                 failed |= any("error" in r and "--recipes" not in r["error"] for r in (plain_row, ours_row))
                 res["rows"][key] = {"ours": ours_row, "plain": plain_row}
                 r = {f: ratio(res["rows"], key, f) for f in ("peak_gib", "step_ms")}

@@ -241,6 +241,12 @@ def test_fresh_processes_in_process_off_cuda():
         assert call(proc_helpers.pid) == os.getpid()
 
 
+def test_fresh_processes_use_the_gpu_named():
+    """cuda:N becomes the measuring process's current device (as gpu_claim made it the parent's); a bare cuda
+    leaves CUDA's default."""
+    assert [FreshProcesses(d).cuda_index for d in ("cuda:3", "cuda", "cpu")] == [3, None, None]
+
+
 # ---- the report ---------------------------------------------------------------------------------------------
 
 GIB = 2**30

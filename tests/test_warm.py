@@ -6,6 +6,7 @@ stand-in stage (tests/warm_sleeper.py) and one real stage command.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tools.dvc_deps import closure
 from proc_helpers import assert_all_gone
 from warm_sleeper import CALLER
 
 from clip_qlora.runtime import warm
+from clip_qlora.core.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -40,11 +43,13 @@ def test_env_difference_ignores_only_dvc_and_shell_variables():
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("warm")
     path = str(folder / "s")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), str(TESTS)]),
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # what open_clip sets
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), str(TESTS)]),
            "PYTORCH_NVML_BASED_CUDA_CHECK": "1", warm.ENV: path}
     log = open(folder / "server.log", "w")
+    # a process group of its own, as a terminal's foreground job (test_ctrl_c_reaches_a_served_stage_once)
     proc = subprocess.Popen([sys.executable, "-m", "clip_qlora.runtime.warm", "--serve", path], env=env, cwd=ROOT,
-                            stderr=log)
+                            stderr=log, process_group=0)
     deadline = time.monotonic() + 60
     while not os.path.exists(path):
         assert proc.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()
@@ -56,11 +61,13 @@ def server(tmp_path_factory):
     log.close()
 
 
-def client(server, record: Path, seconds: float = 0, env_extra: dict | None = None, **kw) -> subprocess.Popen:
-    """`python -m warm_sleeper <record> <seconds>` as `python -m stages` forwards itself."""
-    return subprocess.Popen([sys.executable, "-c", CALLER, str(record), str(seconds)],
+def client(server, record: Path, seconds: float = 0, env_extra: dict | None = None, mode: str = "",
+           **kw) -> subprocess.Popen:
+    """`python -m warm_sleeper <record> <seconds> [mode]` as `python -m stages` forwards itself."""
+    return subprocess.Popen([sys.executable, "-c", CALLER, str(record), str(seconds), *([mode] if mode else [])],
                             env={**server["env"], **(env_extra or {})}, cwd=server["folder"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
 
 
 def wait_for(path: Path, timeout: float = 60) -> dict:
@@ -69,6 +76,16 @@ def wait_for(path: Path, timeout: float = 60) -> dict:
         assert time.monotonic() < deadline, f"{path} never written"
         time.sleep(0.05)
     return json.loads(path.read_text())
+
+
+def preloaded(server) -> str:
+    """The server's log once preloading is done (it goes on between requests: it may not be yet)."""
+    log, deadline = "", time.monotonic() + 120
+    while "libraries loaded in" not in log:
+        assert time.monotonic() < deadline, log
+        time.sleep(0.2)
+        log = (server["folder"] / "server.log").read_text()
+    return log
 
 
 def alive(pid: int) -> bool:
@@ -93,6 +110,66 @@ def test_a_served_stage_is_a_fork_of_the_server_with_the_callers_world(server, t
     assert rec["argv"] == [str(record), "0"]
     assert out == "sleeper says hello\n" and err == "sleeper warns\n"  # the caller's own stdout and stderr
     assert p.returncode == 7  # the stage's exit code
+
+
+def test_a_served_stage_ends_as_a_cold_one_running_its_atexit_handlers(server, tmp_path):
+    """Logging's shutdown and multiprocessing's clean-up are atexit handlers: a served stage runs them too."""
+    record = tmp_path / "rec.json"
+    p = client(server, record)
+    p.communicate(timeout=60)
+    assert p.returncode == 7
+    assert json.loads(Path(f"{record}.atexit").read_text()) is True  # written before the caller returned
+
+
+def test_a_served_stage_sees_what_preloading_set_in_the_environment(server, tmp_path):
+    """open_clip's tokenizer sets TOKENIZERS_PARALLELISM at import, in a cold stage as in the server: a served
+    stage has it too, though its caller's environment has not."""
+    preloaded(server)
+    assert "TOKENIZERS_PARALLELISM" not in server["env"]
+    record = tmp_path / "rec.json"
+    client(server, record).communicate(timeout=60)
+    assert json.loads(record.read_text())["env"]["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_the_stage_environment_is_the_callers_with_what_preloading_changed():
+    before = {"PATH": "/bin", "GONE": "1", "DVC_X": "a", warm.ENV: "/s"}
+    after = {"PATH": "/bin", "DVC_X": "b", "SET_AT_IMPORT": "false", warm.ENV: "/s"}
+    caller = {"PATH": "/bin", "GONE": "1", "DVC_X": "caller's own", warm.ENV: "/s"}
+    assert warm._stage_environ(caller, before, after) == {"PATH": "/bin", "DVC_X": "caller's own",
+                                                          "SET_AT_IMPORT": "false"}
+
+
+def test_a_served_stage_holds_none_of_the_servers_descriptors(server, tmp_path):
+    """Not the listening socket, the selector, or a sibling stage's connection to its caller: one kept open would
+    hide the server's death from that caller."""
+    first = client(server, tmp_path / "first.json", seconds=120)
+    try:
+        wait_for(tmp_path / "first.json")
+        client(server, tmp_path / "second.json").communicate(timeout=60)
+    finally:
+        first.terminate()  # relayed to its stage
+        first.wait(timeout=30)
+    fds = json.loads((tmp_path / "second.json").read_text())["fds"]
+    assert {fd: to for fd, to in fds.items() if to.startswith("socket:") or "eventpoll" in to} == {}
+
+
+def test_ctrl_c_reaches_a_served_stage_once(server, tmp_path):
+    """A terminal's Ctrl-C goes to its foreground process group: here the server's, which holds the caller too
+    (a server started from a terminal). The stage gets SIGINT once, from its caller, which also relays the
+    SIGTERM sent after it (a stage that got SIGINT from the terminal as well would list the test's pid)."""
+    record = tmp_path / "rec.json"
+    p = client(server, record, mode="sigwait", process_group=server["proc"].pid)
+    stage = wait_for(record)["pid"]
+    try:
+        os.killpg(server["proc"].pid, signal.SIGINT)
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+    except BaseException:  # blocking both signals, the stage would outlive the failed test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stage, signal.SIGKILL)
+        raise
+    got = json.loads(Path(f"{record}.signals").read_text())
+    assert got == [[signal.SIGINT, p.pid], [signal.SIGTERM, p.pid]]
 
 
 def test_another_environment_runs_cold(server, tmp_path):
@@ -152,12 +229,44 @@ def test_a_real_stage_fails_the_same_warm_and_cold(server, tmp_path):
     assert "warm:" not in served.stderr  # served, nothing to say
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """Top-level packages a module imports when it is imported (not those imported inside its functions)."""
+    found: set[str] = set()
+
+    def walk(body):
+        for node in body:
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+            elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    walk(getattr(node, field, None) or [])
+
+    walk(ast.parse((ROOT / path).read_text()).body)
+    return found
+
+
+def test_the_stages_served_are_those_that_import_torch():
+    from stages.__main__ import app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    imports_torch = {name for name in names
+                     if any("torch" in top_level_imports(f) for f in closure(f"stages.{name}", list(BACKENDS)))}
+    assert warm.SERVED_STAGES == imports_torch
+
+
+def test_a_stage_without_torch_is_not_handed_to_the_server(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+           warm.ENV: str(tmp_path / "no-server")}
+    run = [subprocess.run([sys.executable, "-m", "stages", name, "--help"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60) for name in ("aggregate", "train")]
+    assert [r.returncode for r in run] == [0, 0]
+    assert "warm:" not in run[0].stderr and "no stage server at" in run[1].stderr
+
+
 def test_the_server_preloads_every_library(server):
-    log, deadline = "", time.monotonic() + 120  # preloading goes on between requests: it may not be done yet
-    while "libraries loaded in" not in log:
-        assert time.monotonic() < deadline, log
-        time.sleep(0.2)
-        log = (server["folder"] / "server.log").read_text()
+    log = preloaded(server)
     assert "could not preload" not in log and "cold" not in log, log
 
 
@@ -187,8 +296,8 @@ def start_run(tmp_path):
     a failed test leaves is killed afterwards."""
     started: list[psutil.Process] = []
 
-    def start(seconds: float = 120):
-        p, procs, rec = _start_run(tmp_path, seconds)
+    def start(seconds: float = 120, mode: str = ""):
+        p, procs, rec = _start_run(tmp_path, seconds, mode)
         started.extend(procs)
         return p, procs, rec
 
@@ -198,10 +307,10 @@ def start_run(tmp_path):
             q.kill()
 
 
-def _start_run(tmp_path: Path, seconds: float) -> tuple[subprocess.Popen, list[psutil.Process], dict]:
+def _start_run(tmp_path: Path, seconds: float, mode: str) -> tuple[subprocess.Popen, list[psutil.Process], dict]:
     record = tmp_path / "rec.json"
     cmd = [sys.executable, "-m", "clip_qlora.runtime.warm", "--", sys.executable, str(TESTS / "warm_sleeper.py"), "--as-dvc",
-           str(record), str(seconds)]
+           str(record), str(seconds), *([mode] if mode else [])]
     p = subprocess.Popen(cmd, env=wrapper_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     rec = wait_for(record, timeout=120)
@@ -234,11 +343,13 @@ def test_stopping_the_wrapper_leaves_no_process_and_no_folder(tmp_path, start_ru
 
 
 def test_a_server_killed_outright_takes_its_stages_with_it(tmp_path, start_run):
-    p, procs, rec = start_run()
+    """Even a stage that outlives the kernel's SIGTERM (its own handler): its caller kills it before failing."""
+    p, procs, rec = start_run(mode="ignore-term")
     (server,) = [q for q in procs if q.ppid() == p.pid and "--serve" in q.cmdline()]
     server.kill()
     try:
         _, err = p.communicate(timeout=60)
+        assert not alive(rec["pid"])  # gone before its caller failed, and so before DVC recorded the failure
     finally:
         assert_all_gone(procs)
     assert p.returncode == 1 and "the stage server went away" in err

@@ -18,6 +18,10 @@ from clip_qlora.core.graphs import make_step
 from clip_qlora.core.step import build_run, optimizer_step
 from clip_qlora.paths import base_of, common
 from clip_qlora.runtime.io import read_json, write_json
+from clip_qlora.runtime.processes import FreshProcesses
+
+# What a fresh measuring process imports while the previous one measures (torch, open_clip, peft, bitsandbytes).
+WARM = ("clip_qlora.jobs.profile",)
 
 
 def parse_batch(spec: str) -> tuple[int, int]:
@@ -27,23 +31,6 @@ def parse_batch(spec: str) -> tuple[int, int]:
 
 def synthetic_prompts(n_classes: int) -> list[str]:
     return [f"a photo of a class number {i}." for i in range(n_classes)]
-
-
-def isolated(fn, *args, device: str):
-    """Run fn(*args) in a fresh process on CUDA, so one configuration's allocations (and any memory a library
-    keeps alive after it) cannot inflate the next configuration's peak; in-process on CPU, where the
-    allocator is not measured."""
-    if not device.startswith("cuda"):
-        return fn(*args)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # the child's current device is this process's (the GPU gpu_claim claimed), not CUDA's default device 0
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.cuda.set_device, initargs=(index,)) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def _sync(device):
@@ -136,17 +123,19 @@ def profile_method(method: str, *, lora, train, runtime, profile, device: str) -
     base = base_of(method)
     meta = read_json(base / "base.json")
     out = {"method": method, "arch": meta["arch"], "n_classes": profile.n_classes}
-    for spec in profile.batches:
-        micro, accum = parse_batch(spec)
-        r = isolated(measure, method, base, micro, accum, profile.n_classes, profile.warmup, profile.steps, device,
-                     dict(lora=lora, train=train, runtime=runtime), device=device)
-        out["device_base_bytes"] = r["device_base_bytes"]
-        out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
-        out["trainable_params"] = r["trainable_params"]
-        out["trainable_bytes"] = r["trainable_bytes"]
-        out["step_mode"] = r["step_mode"]
-        out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
-                                             "peak_reserved_bytes", "step_ms")}
+    groups = {"lora": lora, "train": train, "runtime": runtime}
+    with FreshProcesses(device, WARM) as call:  # on CUDA, each configuration in a process of its own
+        for spec in profile.batches:
+            micro, accum = parse_batch(spec)
+            r = call(measure, method, base, micro, accum, profile.n_classes, profile.warmup, profile.steps, device,
+                     groups)
+            out["device_base_bytes"] = r["device_base_bytes"]
+            out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
+            out["trainable_params"] = r["trainable_params"]
+            out["trainable_bytes"] = r["trainable_bytes"]
+            out["step_mode"] = r["step_mode"]
+            out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
+                                                 "peak_reserved_bytes", "step_ms")}
     out.update(common(device, meta))
     write_json(Path("metrics/profile") / f"{method}.json", out)
     return out

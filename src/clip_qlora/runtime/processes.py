@@ -7,7 +7,7 @@ from __future__ import annotations
 from clip_qlora.runtime.io import UserError
 
 
-def _serve(conn, warm: tuple[str, ...]) -> None:
+def _serve(conn, warm: tuple[str, ...], cuda_index: int | None) -> None:
     """A fresh process: import `warm` ahead (the slow part of a start), then run one call and exit."""
     import importlib
     import traceback
@@ -19,6 +19,8 @@ def _serve(conn, warm: tuple[str, ...]) -> None:
     except EOFError:  # the parent finished without needing this spare
         return
     try:
+        if cuda_index is not None:  # only now: a spare touches no GPU before its call
+            importlib.import_module("torch").cuda.set_device(cuda_index)
         conn.send(("ok", fn(*args)))
     except BaseException as e:  # handed to the parent, which re-raises it
         try:
@@ -28,18 +30,22 @@ def _serve(conn, warm: tuple[str, ...]) -> None:
 
 
 class FreshProcesses:
-    """`profile.isolated` for many calls: each in a process of its own, one at a time, the next started ahead.
+    """Calls on CUDA each in a process of its own, one at a time, the next processes started ahead; in-process
+    off CUDA, where the allocator is not measured.
 
-    A fresh process per configuration keeps each one's peaks and driver memory its own, but its start costs
-    as much as measuring a small model (importing torch, open_clip, peft and bitsandbytes: 16 s on the
-    project's 2-core CPU machine). Here `ahead` spare processes import
-    `warm` while a call runs, so a later call starts with its imports done. Spares do not touch CUDA before
-    their call, and a call starts only after the previous process has exited: one measuring process at a time.
-    In-process off CUDA, like `isolated`.
+    A fresh process per configuration keeps each one's peaks and driver memory its own (nothing a library keeps
+    alive after one configuration inflates the next one's), but its start costs as much as measuring a small
+    model (importing torch, open_clip, peft and bitsandbytes: 16 s on the project's 2-core CPU machine). Here
+    `ahead` spare processes import `warm` while a call runs, so a later call starts with its imports done.
+    Spares do not touch CUDA before their call, and a call starts only after the previous process has exited:
+    one measuring process at a time. On `cuda:N` the call runs with GPU N as its current device (the one
+    device-less CUDA calls use), as in the parent that claimed it (gpu_claim), not CUDA's default GPU 0.
     """
 
     def __init__(self, device: str, warm: tuple[str, ...] = (), ahead: int = 2):
         self.fresh = str(device).startswith("cuda")
+        _, _, index = str(device).partition(":")
+        self.cuda_index = int(index) if self.fresh and index else None
         self.warm, self.ahead, self._spares = tuple(warm), ahead, []
 
     def __enter__(self):
@@ -58,7 +64,7 @@ class FreshProcesses:
 
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, self.warm), daemon=True)
+        proc = ctx.Process(target=_serve, args=(child, self.warm, self.cuda_index), daemon=True)
         proc.start()
         child.close()
         return proc, parent

@@ -13,27 +13,32 @@ sent to the wrapper go to the command's process group (DVC and the stages it sta
 outright closes the server's stdin, on which the server stops that group, its own stages and itself and
 removes its socket folder; a folder whose wrapper and server were both killed is removed by the next run.
 
-`python -m stages ...` with CLIP_QLORA_WARM set hands its argv, working directory, environment, sys.path
-and stdin/stdout/stderr (the descriptors themselves) to the server, which forks a child to run the stage
-and reports its exit code; the caller exits with it, so DVC sees the stage's
-output and status as if it had run in its own process. The child drops every module of the project the
-server may hold and imports the project from the caller's sys.path (a queued experiment's temporary copy
-stays its own code): only third-party libraries come from the server.
+`python -m stages <stage>` with CLIP_QLORA_WARM set, for a stage that imports torch (SERVED_STAGES), hands
+its argv, working directory, environment, sys.path and stdin/stdout/stderr (the descriptors themselves) to
+the server, which forks a child to run the stage and reports its exit code; the caller exits with it, so DVC
+sees the stage's output and status as if it had run in its own process. The child is what a cold stage would
+be: none of the server's descriptors, a session of its own (signals reach it through its caller only), the
+caller's environment plus what the preloaded libraries set at import, atexit handlers run at its end, and the
+project's modules imported afresh from the caller's sys.path (a queued experiment's temporary copy stays its
+own code): only third-party libraries come from the server. A caller whose server dies kills its stage.
 
-What is never served, and then runs in the caller's process as before: no server (or one that is gone), an
-environment that differs from the server's in anything but DVC's own variables (libraries read some of it
-at import, e.g. HF_HUB_OFFLINE), and a server whose preloading initialised CUDA (a forked child cannot use
-a CUDA context of its parent; PYTORCH_NVML_BASED_CUDA_CHECK keeps torch.cuda.is_available() from creating
-one). The wrapper prints how many stages were served and why any were not.
+What is never served, and then runs in the caller's process as before: the other stages, no server (or one
+that is gone), an environment that differs from the server's in anything but DVC's own variables (libraries
+read some of it at import, e.g. HF_HUB_OFFLINE), and a server whose preloading initialised CUDA (a forked
+child cannot use a CUDA context of its parent; PYTORCH_NVML_BASED_CUDA_CHECK keeps
+torch.cuda.is_available() from creating one). The wrapper prints how many stages were served and why any
+were not.
 
 This module imports only the standard library: the caller side runs before anything heavy is imported.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -42,6 +47,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -49,6 +55,9 @@ ENV = "CLIP_QLORA_WARM"
 # Third-party modules the stages import; the server imports them once (project code is never preloaded).
 PRELOAD = ("torch", "torchvision", "torchvision.transforms.v2", "open_clip", "peft", "bitsandbytes",
            "safetensors.torch", "dvclive", "typer", "rich.progress", "yaml", "PIL.Image")
+# The stages served: those whose code imports torch (tests/test_warm.py checks it against their imports). The
+# others start cold in well under a second; a fork buys them nothing.
+SERVED_STAGES = frozenset({"quantize", "train", "evaluate", "zeroshot", "profile", "scale"})
 # Variables that may differ between the server and a caller: set per stage by DVC, read at run time only.
 IGNORED_ENV_PREFIXES = ("DVC_", ENV)
 IGNORED_ENV = {"PWD", "OLDPWD", "SHLVL", "_"}
@@ -130,25 +139,46 @@ def forward(module: str = "stages") -> int | None:
             print(f"warm: not served ({why}); running here", file=sys.stderr)
             return None
         pid = reply["pid"]
+        try:  # this very process, even once its pid is free again
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux, or it has ended already (its exit code is on its way)
+            pidfd = None
 
         def relay(signum, _frame):  # DVC stopping the stage stops the child that runs it
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, relay)
-        while True:
-            try:
-                reply, _ = _recv(conn)
-                break
-            except InterruptedError:
-                continue
+        try:
+            reply, _ = _recv(conn)  # a relayed signal does not cut this short: the call is retried (PEP 475)
+        except OSError:
+            reply = None
         if reply is None:
+            # The server died (its stages get SIGTERM from the kernel, which a stage may handle): the stage
+            # ends before DVC hears of the failure, instead of writing outputs DVC has recorded as failed.
+            if pidfd is not None:
+                _kill_and_wait(pid, pidfd)
             print("warm: the stage server went away before the stage ended", file=sys.stderr)
             return 1
+        if pidfd is not None:
+            os.close(pidfd)
         return int(reply["rc"])
+
+
+def _kill_and_wait(pid: int, pidfd: int) -> None:
+    """SIGKILL the stage and whatever it started (it leads a session of its own), and wait until it has ended."""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:  # ended and reaped already
+        pass
+    else:  # alive: its pid is still its group's id
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    select.select([pidfd], [], [])  # readable once the process has ended
+    os.close(pidfd)
 
 
 def exit_with(rc: int) -> None:
@@ -164,57 +194,79 @@ def exit_with(rc: int) -> None:
 
 # ---- the forked child -------------------------------------------------------------------------------------
 
-def _run_child(request: dict, fds: list[int]) -> None:
-    """In the fork: become the caller's stage process and run it; never returns."""
-    code = 1
+def _run_child(request: dict, fds: list[int], environ_before: dict) -> int:
+    """In the fork, back out of the server's loop: become the caller's stage process and run it; its exit code.
+    environ_before: the server's environment before preloading."""
+    # A session of its own: a terminal's Ctrl-C reaches the stage only through its caller's relay, once (in the
+    # server's process group it would get it from the terminal too, were the server started from one).
+    os.setsid()
+    die_with_parent()  # a server killed outright takes its stages with it
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _CAPABILITY.restore()  # forked while preloading
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.chdir(request["cwd"])
+    env = _stage_environ(request["env"], environ_before, dict(os.environ))
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path[:] = request["path"]
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("clip_qlora", "stages", "__mp_main__"):
+            del sys.modules[name]
+    sys.argv = list(request["argv"])
+    import runpy
+
     try:
-        _CAPABILITY.restore()
-        die_with_parent()  # a server killed outright takes its stages with it
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
-        sys.stdin = open(0, "r", closefd=False)
-        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
-        os.chdir(request["cwd"])
-        env = {k: v for k, v in request["env"].items() if k != ENV}  # a stage it starts runs cold, not back here
-        os.environ.clear()
-        os.environ.update(env)
-        sys.path[:] = request["path"]
-        for name in list(sys.modules):
-            if name.split(".")[0] in ("clip_qlora", "stages", "__mp_main__"):
-                del sys.modules[name]
-        sys.argv = list(request["argv"])
-        import runpy
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:
+        import traceback
 
-        try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as e:
-            if e.code is None:
-                code = 0
-            elif isinstance(e.code, int):
-                code = e.code
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _exit(code: int) -> None:
+    """End the child as the interpreter ends a cold stage: its threads joined, the atexit handlers run (logging's
+    shutdown, multiprocessing's clean-up of the processes it started), stdio flushed. Only the teardown of
+    every module is skipped: in a fork it touches each object shared with the server, copying the memory
+    under it page by page, which takes seconds."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _stage_environ(caller: dict, before: dict, after: dict) -> dict:
+    """The stage's environment: the caller's, with what preloading changed in the server's (`before` -> `after`:
+    open_clip's tokenizer sets TOKENIZERS_PARALLELISM at import), since a cold stage's own imports change it
+    the same way. The caller's environment equals the server's before preloading, or it is refused, except in
+    DVC's own variables: where the caller's value differs, it stays."""
+    env = {k: v for k, v in caller.items() if k != ENV}  # a stage this one starts runs cold, not back here
+    for key in before.keys() | after.keys():
+        if after.get(key) != before.get(key) and caller.get(key) == before.get(key):
+            if key in after:
+                env[key] = after[key]
             else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        except KeyboardInterrupt:
-            code = 130
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(code)
+                env.pop(key, None)
+    return env
 
 
 # ---- the server -------------------------------------------------------------------------------------------
@@ -260,154 +312,181 @@ class _NvmlCapability:
 _CAPABILITY = _NvmlCapability()
 
 
-def serve(path: str, owner_stdin: bool = False) -> None:
+def serve(path: str, owner_stdin: bool = False) -> tuple[dict, list[int], dict] | None:
     """Bind `path`, preload the libraries, then fork a child per request until SIGTERM. Single-threaded: a
     process with other threads cannot fork safely (a lock held by one of them stays held in the child).
+
+    Returns None in the server, once stopped; in a forked child, `_run_child`'s arguments, so that the stage
+    runs outside this loop.
 
     owner_stdin: stdin is a pipe from the wrapper, which writes "group <pgid>" (its command's process group)
     and "stop". End of file without "stop" means the wrapper was killed outright: the server then stops that
     group too, so no DVC or stage of the run is left behind."""
-    started_with = dict(os.environ)  # libraries set variables of their own at import (TOKENIZERS_PARALLELISM)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal: the stages
-    #                                               and the wrapper handle it, the server lives on until told
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)  # bound before preloading: early callers are served while it goes on
-    listener.listen(64)
-    # Python 3.12 warns at every fork when the process has more than one OS thread. The extra threads here
-    # are idle native helpers that torch and PEFT's imports start (one each on a CPU machine); this process
-    # runs no Python thread and no torch work, and torch re-creates its own thread pools in a forked child,
-    # as it does in the DataLoader's forked workers. Checked end to end: the CPU pipeline test and a
-    # 13-stage `dvc repro` on an H200 ran every stage forked.
-    warnings.filterwarnings("ignore", message=r"This process \(pid=\d+\) is multi-threaded, use of fork\(\)",
-                            category=DeprecationWarning)
-    # Libraries are imported one per turn of the loop below, between requests: a stage that comes early is
-    # forked with what is loaded so far and imports the rest itself (prepare needs none of it), instead of
-    # waiting for all of it.
-    pending = list(PRELOAD)
+    server = _Server(path, owner_stdin)
     t0 = time.perf_counter()
-    refuse = None
-    _CAPABILITY.patch()
-    stop, importing = [], []
-
-    def on_term(*_):
-        stop.append(True)
-        if importing:  # cut a long import short: the server is going away
-            raise _Stop
-
-    signal.signal(signal.SIGTERM, on_term)
-    if owner_stdin:
-        die_with_parent()  # a wrapper killed outright: SIGTERM now, even in the middle of an import
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ, None)
-    owner = {"lines": b"", "group": None, "stopped": False, "eof": False}
-    if owner_stdin:
-        sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "owner")
-    children: dict[int, socket.socket] = {}
-    served = 0
     try:
-        while not stop:
-            if pending:
-                name = pending.pop(0)
-                try:
-                    importing.append(name)
-                    __import__(name)
-                except Exception as e:  # a stage needing it reports the error itself, in its own process
-                    print(f"warm: could not preload {name} ({type(e).__name__}: {e})", file=sys.stderr,
-                          flush=True)
-                finally:
-                    importing.clear()
-                torch = sys.modules.get("torch")
-                if refuse is None and torch is not None and torch.cuda.is_initialized():
-                    refuse = f"importing {name} initialised CUDA in the server; a forked child could not use it"
-                    print(f"warm: {refuse}: stages from now on run cold", file=sys.stderr, flush=True)
-                if not pending:
-                    _CAPABILITY.restore()
-                    print(f"warm: libraries loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
-                          flush=True)
-            for key, _ in sel.select(timeout=0 if pending else 0.2):
-                if key.data == "owner":
-                    if _read_owner(owner):
-                        stop.append(True)
-                        sel.unregister(key.fileobj)
-                    continue
-                if key.data is None:  # a new caller
-                    try:
-                        conn, _ = listener.accept()
-                        request, fds = _recv(conn, with_fds=True)
-                    except OSError:
-                        continue
-                    if request is None or len(fds) != 3:
-                        for fd in fds:
-                            os.close(fd)
-                        conn.close()
-                        continue
-                    differs = env_difference(started_with, request["env"])
-                    why = refuse or (f"environment variable {differs} differs from the server's" if differs
-                                     else None)
-                    if why:
-                        for fd in fds:
-                            os.close(fd)
-                        _send(conn, {"refused": why})
-                        conn.close()
-                        continue
-                    pid = os.fork()
-                    if pid == 0:
-                        listener.close()
-                        conn.close()
-                        _run_child(request, fds)
-                    for fd in fds:
-                        os.close(fd)
-                    served += 1
-                    children[pid] = conn
-                    _send(conn, {"pid": pid})
-                    sel.register(conn, selectors.EVENT_READ, pid)
-                else:  # a caller hung up (killed): stop its stage too
-                    pid = key.data
-                    try:
-                        gone = not key.fileobj.recv(1)
-                    except OSError:
-                        gone = True
-                    if gone and pid in children:
-                        try:
-                            os.kill(pid, signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
-                        sel.unregister(key.fileobj)
-            while children:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                conn = children.pop(pid, None)
-                if conn is not None:
-                    try:
-                        _send(conn, {"rc": os.waitstatus_to_exitcode(status)})
-                    except OSError:
-                        pass
-                    try:
-                        sel.unregister(conn)
-                    except (KeyError, ValueError):
-                        pass
-                    conn.close()
+        # Whoever comes while the libraries load is answered between two imports: a stage that comes early is
+        # forked with what is loaded so far and imports the rest itself, instead of waiting for all of it.
+        for name in PRELOAD:
+            if server.stop:
+                break
+            server.preload(name)
+            forked = server.poll(0)
+            if forked:
+                return forked
+        else:
+            _CAPABILITY.restore()
+            print(f"warm: libraries loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        while not server.stop:
+            forked = server.poll(0.2)
+            if forked:
+                return forked
     except _Stop:  # stopped while preloading: the import was cut short
         pass
-    if owner_stdin:
-        _drain_owner(owner)
-    if owner["eof"] and not owner["stopped"] and owner["group"]:  # the wrapper was killed: so is its command
-        _signal_group(owner["group"], signal.SIGTERM)
-    for pid in children:
+    server.close()
+    return None
+
+
+class _Server:
+    """The listening socket, the callers whose stages run (pid -> connection) and the wrapper's stdin."""
+
+    def __init__(self, path: str, owner_stdin: bool):
+        self.path, self.owner_stdin = path, owner_stdin
+        self.environ_before = dict(os.environ)  # libraries set variables at import (TOKENIZERS_PARALLELISM)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process of the terminal: the
+        #                                               wrapper handles it, the server lives on until told
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)  # bound before preloading: early callers are served while it goes on
+        self.listener.listen(64)
+        # Python 3.12 warns at every fork when the process has more than one OS thread. The extra threads here
+        # are idle native helpers that torch and PEFT's imports start (one each on a CPU machine); this process
+        # runs no Python thread and no torch work, and torch re-creates its own thread pools in a forked child,
+        # as it does in the DataLoader's forked workers. Checked end to end: the CPU pipeline test and a
+        # 13-stage `dvc repro` on an H200 ran every stage forked.
+        warnings.filterwarnings("ignore", message=r"This process \(pid=\d+\) is multi-threaded, use of fork\(\)",
+                                category=DeprecationWarning)
+        self.refuse: str | None = None
+        self.stop, self.importing = False, False
+        _CAPABILITY.patch()
+        signal.signal(signal.SIGTERM, self._on_term)
+        if owner_stdin:
+            die_with_parent()  # a wrapper killed outright: SIGTERM now, even in the middle of an import
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.owner = {"lines": b"", "group": None, "stopped": False, "eof": False}
+        if owner_stdin:
+            self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "owner")
+        self.children: dict[int, socket.socket] = {}
+        self.served = 0
+
+    def _on_term(self, *_):
+        self.stop = True
+        if self.importing:  # cut a long import short: the server is going away
+            raise _Stop
+
+    def preload(self, name: str) -> None:
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    listener.close()
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-        os.rmdir(os.path.dirname(path))  # the wrapper's folder, once empty; a folder with more in it stays
-    print(f"warm: {served} stage process{'es' if served != 1 else ''} served from the warm server",
-          file=sys.stderr, flush=True)
+            self.importing = True
+            __import__(name)
+        except Exception as e:  # a stage needing it reports the error itself, in its own process
+            print(f"warm: could not preload {name} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        finally:
+            self.importing = False
+        torch = sys.modules.get("torch")
+        if self.refuse is None and torch is not None and torch.cuda.is_initialized():
+            self.refuse = f"importing {name} initialised CUDA in the server; a forked child could not use it"
+            print(f"warm: {self.refuse}: stages from now on run cold", file=sys.stderr, flush=True)
+
+    def poll(self, timeout: float) -> tuple[dict, list[int], dict] | None:
+        """Handle what is ready within `timeout` s: the wrapper's lines, new callers, callers that hung up,
+        stages that ended. In a child just forked: its `_run_child` arguments."""
+        for key, _ in self.sel.select(timeout):
+            if key.data == "owner":
+                if _read_owner(self.owner):
+                    self.stop = True
+                    self.sel.unregister(key.fileobj)
+            elif key.data is None:
+                forked = self._accept()
+                if forked:
+                    return forked
+            else:  # a caller hung up (killed): stop its stage too
+                pid = key.data
+                try:
+                    gone = not key.fileobj.recv(1)
+                except OSError:
+                    gone = True
+                if gone and pid in self.children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                    self.sel.unregister(key.fileobj)
+        self._reap()
+        return None
+
+    def _accept(self) -> tuple[dict, list[int], dict] | None:
+        try:
+            conn, _ = self.listener.accept()
+            request, fds = _recv(conn, with_fds=True)
+        except OSError:
+            return None
+        differs = None if request is None else env_difference(self.environ_before, request["env"])
+        why = self.refuse or (f"environment variable {differs} differs from the server's" if differs else None)
+        if request is None or len(fds) != 3 or why:
+            for fd in fds:
+                os.close(fd)
+            if request is not None and why:
+                _send(conn, {"refused": why})
+            conn.close()
+            return None
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written again at the child's exit
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            # The child holds none of the server's descriptors: a sibling's connection kept open here would hide
+            # the server's death from that sibling's caller.
+            for sock in (self.listener, *self.children.values(), conn):
+                sock.close()
+            self.sel.close()
+            return request, fds, self.environ_before
+        for fd in fds:
+            os.close(fd)
+        self.served += 1
+        self.children[pid] = conn
+        _send(conn, {"pid": pid})
+        self.sel.register(conn, selectors.EVENT_READ, pid)
+        return None
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = self.children.pop(pid, None)
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    _send(conn, {"rc": os.waitstatus_to_exitcode(status)})
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.unregister(conn)
+                conn.close()
+
+    def close(self) -> None:
+        """Stop: the wrapper's command if the wrapper was killed, every stage, the socket and its folder."""
+        if self.owner_stdin:
+            _drain_owner(self.owner)
+        owner = self.owner
+        if owner["eof"] and not owner["stopped"] and owner["group"]:  # the wrapper was killed: so is its command
+            _signal_group(owner["group"], signal.SIGTERM)
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+            os.rmdir(os.path.dirname(self.path))  # the wrapper's folder, once empty; a folder with more stays
+        print(f"warm: {self.served} stage process{'es' if self.served != 1 else ''} served from the warm server",
+              file=sys.stderr, flush=True)
 
 
 class _Stop(BaseException):  # not an Exception: the preloading's `except Exception` lets it through
@@ -675,8 +754,10 @@ def run_with_server(cmd: list[str], env: dict | None = None, cwd: str | os.PathL
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"] and len(argv) in (2, 3):
-        serve(argv[1], owner_stdin=argv[2:] == ["--owner-stdin"])
-        return 0
+        forked = serve(argv[1], owner_stdin=argv[2:] == ["--owner-stdin"])
+        if forked is None:
+            return 0
+        _exit(_run_child(*forked))
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv or argv[0].startswith("-"):
