@@ -215,6 +215,14 @@ def prepare_precision(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
     return model
 
 
+def autocast(device: str, compute_dtype: torch.dtype):
+    """The one autocast policy, training's and scoring's: matmuls in the compute dtype, what autocast keeps in
+    fp32 (LayerNorm, softmax, the loss) in fp32; in fp32 nothing to cast."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=compute_dtype)
+
+
 def _layernorm_in(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
     if x.dtype != weight.dtype:
         return type(ln).forward(ln, x)

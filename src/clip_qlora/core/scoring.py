@@ -11,14 +11,10 @@ import time
 
 import torch
 
-from clip_qlora.core.model import TextTokens, cosine_logits, encode_image, encode_text, preprocess_stats, unit
+from clip_qlora.core.model import TextTokens, autocast, cosine_logits, encode_image, encode_text, preprocess_stats, unit
 from clip_qlora.runtime.progress import Bar
 
 LOGIT_SCALE = 100.0  # argmax does not depend on it; kept so `logits` returns what the loss saw
-
-
-def autocast(device: str, compute_dtype):
-    return torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
 
 @torch.no_grad()
