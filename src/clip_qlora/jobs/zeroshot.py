@@ -23,9 +23,9 @@ def metrics_path(base: str) -> Path:
     return Path("metrics/zeroshot") / f"{base}.json"
 
 
-def zeroshot_base(base: str, datasets: list[str], *, data, eval, runtime, device: str) -> dict:
+def zeroshot_base(base: str, datasets: list[str], *, data, eval, train, runtime, device: str) -> dict:
     """The zeroshot stage: metrics/zeroshot/<base>.json. data: root and template; eval: the eval group;
-    runtime: eval_workers only; device: model.device."""
+    train: logit_scale only; runtime: eval_workers only; device: model.device."""
     device = resolve_device(device)
     root = Path(data.root)
     splits = {d: load_split(split_path(d), root) for d in datasets}  # every split checked before the model
@@ -40,7 +40,7 @@ def zeroshot_base(base: str, datasets: list[str], *, data, eval, runtime, device
         # per-dataset templates
         prompt_sets = {name: [template.format(c) for c in split["classnames"]]
                        for name, template in zero_shot_templates(dataset).items()}
-        r = zero_shot(model, meta, prompt_sets, make_batches, device)
+        r = zero_shot(model, meta, prompt_sets, make_batches, device, train.logit_scale)
         # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
         per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][data.template], "zero_shot": r["zero_shot"],
                                 "n_test": r["n_test"]}
