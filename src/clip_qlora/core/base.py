@@ -39,11 +39,17 @@ def make_base(arch: str, pretrained: str, base: str, settings: dict | None, comp
     """Build the base of one arm on `device`. Returns (model, meta) where meta describes it for reloading."""
     model, is_pretrained = build_base(arch, pretrained, compute_dtype, quick_gelu)
     model = backends.get(base).convert(model, settings, compute_dtype, device)
+    return model, base_meta(model, arch, pretrained, is_pretrained, base, settings, compute_dtype)
+
+
+def base_meta(model: nn.Module, arch: str, pretrained: str, is_pretrained: bool, base: str, settings: dict | None,
+              compute_dtype: torch.dtype, **extra) -> dict:
+    """The description of a built base (saved as its base.json; `extra` keys before the activation): what
+    `load_base` rebuilds it from and what every metrics file records of it."""
     # the activation that ran is part of the base: a reload must rebuild the same function
-    meta = {"arch": arch, "pretrained": str(pretrained), "is_pretrained": is_pretrained, "base": base,
-            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings,
+    return {"arch": arch, "pretrained": str(pretrained), "is_pretrained": is_pretrained, "base": base,
+            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings, **extra,
             "activation": "quick_gelu" if uses_quick_gelu(model) else "gelu"}
-    return model, meta
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
