@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from clip_qlora.core import archs
-from clip_qlora.runtime.io import UserError
+from clip_qlora.runtime.io import UserError, bad_param as _bad
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept on CPU and CUDA
@@ -145,10 +145,6 @@ class Params:
     scale: Scale
 
 
-def _bad(key: str, value: Any, allowed: str) -> UserError:
-    return UserError(f"params: {key} = {value!r}: expected {allowed}")
-
-
 def _int(key, v, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise _bad(key, v, f"an integer >= {lo}")
@@ -233,13 +229,11 @@ def validate(p: Params) -> Params:
     _choice("data.template", d.template, TEMPLATES)
     _choice("data.split_draw", d.split_draw, SPLIT_DRAWS)
     m = p.model
-    if not isinstance(m.arch, str) or m.arch not in archs.configs():
-        raise _bad("model.arch", m.arch, archs.suggest(m.arch))
+    archs.check(m.arch, "model.arch")
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
-    if m.quick_gelu not in ("auto", True, False) or type(m.quick_gelu) not in (str, bool):
-        raise _bad("model.quick_gelu", m.quick_gelu, "auto, true or false")
+    archs.check_quick_gelu(m.quick_gelu)
     if not (m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(m.device))):
         raise _bad("model.device", m.device, "auto, cpu, cuda or cuda:N")
     q = p.quant
@@ -312,10 +306,8 @@ def validate(p: Params) -> Params:
 def _validate_scale(sc: Scale, layers: list | None, towers: list) -> None:
     if not isinstance(sc.archs, list) or not sc.archs or len(set(map(str, sc.archs))) != len(sc.archs):
         raise _bad("scale.archs", sc.archs, "a non-empty list of distinct open_clip architectures")
-    known = archs.configs()
     for a in sc.archs:
-        if not isinstance(a, str) or a not in known:
-            raise _bad("scale.archs", a, archs.suggest(a))
+        archs.check(a, "scale.archs")
         depth = min(archs.tower_depth(a, t) for t in towers)
         if layers is not None and max(layers) >= depth:
             raise _bad("lora.layers", layers, f"block indices below {depth} (scale.archs has {a}, {depth} blocks "

@@ -26,7 +26,6 @@ import torch.nn as nn
 
 from clip_qlora.core import archs, backends
 from clip_qlora.core.base import base_meta
-from clip_qlora.runtime.io import UserError
 from clip_qlora.core.model import (INIT_SEED, activation_kwargs, prepare_precision, register_configs, resolve_quick_gelu,
                     split_attention)
 
@@ -44,9 +43,8 @@ def _defaults(device: str, dtype: torch.dtype):
 
 
 def _check_arch(arch: str) -> None:
+    archs.check(arch, "scale.archs")
     register_configs()
-    if arch not in open_clip.list_models():
-        raise UserError(f"scale.archs: unknown architecture {arch!r}; expected {archs.suggest(arch)}")
 
 
 def build_on_device(arch: str, compute_dtype: torch.dtype, device: str) -> nn.Module:

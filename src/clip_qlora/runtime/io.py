@@ -22,6 +22,11 @@ class UserError(Exception):
     """A problem the user can fix (bad params, missing data or weights). Shown as one line, exit code 2."""
 
 
+def bad_param(key: str, value: Any, allowed: str) -> UserError:
+    """The one form of a bad params value's error: the key, the value, what is allowed."""
+    return UserError(f"params: {key} = {value!r}: expected {allowed}")
+
+
 # A temporary output is named `.<target>.<writer pid>.<random><suffix>.tmp` beside its target: a writer killed
 # outright (SIGKILL, power loss) cannot remove its own, so the next writer of the same target removes those whose
 # writer is gone. A live writer's (another process, or this one) is never touched. The pattern is strict (mkstemp's
