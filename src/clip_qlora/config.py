@@ -182,12 +182,21 @@ def _bool(key, v):
     return v
 
 
+_BATCH = re.compile(r"([0-9]+)x([0-9]+)")
+
+
+def parse_batch(spec: Any) -> tuple[int, int] | None:
+    """A batch configuration, '4x8': (micro-batch, accumulation steps), both >= 1; None if `spec` is not one.
+    The one reading of profile.batches and scale.batches, and of the profile metrics' keys after their 'b'."""
+    m = _BATCH.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None or int(m[1]) < 1 or int(m[2]) < 1:
+        return None
+    return int(m[1]), int(m[2])
+
+
 def _batch_spec(key, v):
-    try:
-        micro, accum = (int(x) for x in str(v).split("x"))
-        assert micro >= 1 and accum >= 1
-    except (ValueError, AssertionError):
-        raise _bad(key, v, "strings like '4x8' (micro-batch x accumulation steps)") from None
+    if parse_batch(v) is None:
+        raise _bad(key, v, "strings like '4x8' (micro-batch x accumulation steps)")
     return v
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from clip_qlora.config import parse_batch
 from clip_qlora.core.memory import (CudaPeak, DriverMemory, SavedActivations, allocated_bytes, frozen_weight_bytes,
                      trainable_bytes)
 from clip_qlora.core.base import resolve_device
@@ -18,11 +19,6 @@ from clip_qlora.core.graphs import make_step
 from clip_qlora.core.step import build_run, optimizer_step
 from clip_qlora.paths import base_of, common
 from clip_qlora.runtime.io import read_json, write_json
-
-
-def parse_batch(spec: str) -> tuple[int, int]:
-    micro, accum = (int(x) for x in spec.split("x"))
-    return micro, accum
 
 
 def synthetic_prompts(n_classes: int) -> list[str]:
