@@ -186,3 +186,14 @@ def test_architectures_read_without_open_clip_are_open_clips():
     for arch in ("ViT-B-16", "clip-tiny"):
         assert archs.configs()[arch] == open_clip.get_model_config(arch)
         assert archs.tower_depth(arch, "text") == open_clip.get_model_config(arch)["text_cfg"]["layers"]
+
+
+def test_every_compute_dtype_params_accept_is_a_torch_dtype_of_its_width():
+    """config.DTYPES is the one table: its names are what model.compute_dtype accepts, its values torch's."""
+    from clip_qlora import config
+    from clip_qlora.core.base import resolve_dtype
+
+    for name in config.DTYPES:
+        dtype = resolve_dtype(name, "cpu")
+        assert dtype.is_floating_point and dtype.itemsize * 8 == int(name[2:]), name
+    assert resolve_dtype("auto", "cpu") == torch.float32

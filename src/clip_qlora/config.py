@@ -24,7 +24,7 @@ BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit k
 TOWERS = ("vision", "text")
 TARGETS = ("q", "k", "v", "out")
 TEMPLATES = ("clip", "coop")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # model.compute_dtype (or auto) -> torch's name
 SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
 BATCHINGS = ("epochs", "full")
@@ -241,7 +241,7 @@ def validate(p: Params) -> Params:
     archs.check(m.arch, "model.arch")
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
-    _choice("model.compute_dtype", m.compute_dtype, DTYPES)
+    _choice("model.compute_dtype", m.compute_dtype, ("auto", *DTYPES))
     archs.check_quick_gelu(m.quick_gelu)
     if not (m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(m.device))):
         raise _bad("model.device", m.device, "auto, cpu, cuda or cuda:N")

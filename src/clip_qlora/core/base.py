@@ -8,12 +8,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from clip_qlora.config import DTYPES
 from clip_qlora.core import backends
 from clip_qlora.runtime import gpu_claim
 from clip_qlora.runtime.io import UserError, atomic_dir, read_json, remake
 from clip_qlora.core.model import build_base, uses_quick_gelu
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(device: str) -> str:
@@ -31,7 +30,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     """'auto' is bf16 on a GPU (the study's setting) and fp32 on CPU (where bf16 matmuls are slow)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def make_base(arch: str, pretrained: str, base: str, settings: dict | None, compute_dtype: torch.dtype,
