@@ -1,7 +1,7 @@
 """Scoring a model on a test split: class features, logits, accuracy, and the base's zero-shot accuracy.
 
-No PEFT here: the zero-shot stage scores the saved base as it is, so it imports neither PEFT nor transformers
-(seconds of start-up on a GPU machine). `evaluate` adds each seed's adapters on top of these pieces.
+No PEFT here: the zero-shot stage scores the saved base as it is, so its start-up does not import PEFT and the
+transformers auto classes PEFT loads (tests/test_imports.py). `evaluate` adds each seed's adapters on top.
 Logits come from fp32 unit features (`model.cosine_logits`) at train.logit_scale, as the training loss takes
 them, under the training autocast (only their argmax is scored, which the scale does not move).
 """

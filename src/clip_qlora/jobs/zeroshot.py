@@ -1,10 +1,11 @@
 """The zeroshot stage: one base's zero-shot accuracy on every dataset's test split, with every prompt set.
 
 Once per base and dataset: the methods that share a base (lora and lora_gc, qlora and qlora_gc) share its
-zero-shot numbers, so no evaluate stage measures them. One stage per base, not per (base, dataset): a stage
-process costs 15-25 s of start-up on the GPU machine measured (torch, open_clip, bitsandbytes), more than
-most datasets' zero-shot pass, so 16 small stages would spend more time starting than the passes they save.
-The price: adding a dataset reruns both bases' zero-shot, a pass over every test split.
+zero-shot numbers, so no evaluate stage measures them. One stage per base, not per (base, dataset): a stage's
+start-up (importing torch, open_clip, bitsandbytes) takes as long as a small dataset's zero-shot pass or longer
+(start-up cold and warm, and the pass over Food101's, the largest test split, are measured in
+benchmarks/results/2026-12-01-nvidia-h200-study.md), so 16 small stages would spend more time starting than the
+passes they save. The price: adding a dataset reruns both bases' zero-shot, a pass over every test split.
 """
 from __future__ import annotations
 

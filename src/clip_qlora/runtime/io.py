@@ -191,8 +191,9 @@ def versions() -> dict[str, str]:
 
     A module already imported tells its own version (torch's carries its CUDA build, "+cu130", which the
     distribution's metadata may not); one not imported is read from the installed distribution, not imported:
-    importing PEFT (and the transformers modules it pulls in) costs 10-20 s on a GPU machine, and a stage that
-    never uses it must not pay that to name it."""
+    importing PEFT (and the transformers modules it pulls in) is part of a cold stage's start-up (measured:
+    benchmarks/results/2026-12-01-nvidia-h200-study.md), and a stage that never uses it must not pay for it to
+    name it."""
     import sys
     from importlib import metadata
 
