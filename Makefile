@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/dvc init -q
 	$(BIN)/dvc config core.analytics false
 
-# The stages run as forks of one process that has imported torch, open_clip and PEFT (clip_qlora/runtime/warm.py):
-# seconds of start-up per stage instead of 10-20. Plain `dvc repro` runs the same stages, each cold.
+# The stages run as forks of one process that has imported torch, open_clip and PEFT (clip_qlora/runtime/warm.py),
+# so no stage pays for those imports (warm against cold: benchmarks/results/2026-12-01-nvidia-h200-study.md).
+# Plain `dvc repro` runs the same stages, each cold.
 # params.yaml is checked first: DVC deletes a stage's outputs before the stage could reject a bad value.
 run: $(STAMP) .dvc
 	$(PY) -m stages check

@@ -70,7 +70,7 @@ def main() -> None:
     for _ in range(a.passes):
         r = zero_shot(model, meta, prompts,
                       lambda size, mean, std: eval_batches(split, root, size, mean, std, batch, workers, a.device,
-                                                           decode), a.device)
+                                                           decode), a.device, p.train.logit_scale)
         result["passes"].append({"seconds": r["eval_seconds"], "test_images_per_second": a.n / r["eval_seconds"]})
         print(f"pass: {r['eval_seconds']:.2f} s, {a.n / r['eval_seconds']:.0f} test images/s", flush=True)
         (a.out / "eval_rate.json").write_text(json.dumps(result, indent=2))

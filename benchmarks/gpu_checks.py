@@ -328,7 +328,7 @@ def training_checks(args, tmp: Path) -> dict:
             for method in args.methods or list(backends.METHODS):
                 for spec in args.shapes:
                     shape, _, short = spec.partition("+")
-                    micro, accum = (int(v) for v in shape.split("x"))
+                    micro, accum = config.parse_batch(shape)
                     key = f"{method}-{spec}"
                     out["graph"][key] = fresh(graph_equivalence, base_of(method), base_of(method, True), method,
                                               micro, accum, 6, int(short or 0))

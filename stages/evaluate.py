@@ -3,7 +3,9 @@ from pathlib import Path
 from stages.app import DatasetOpt, DebugOpt, MethodOpt, ParamsOpt, app, load_params, scoring_stage
 
 PARAMS = ("data.root", "data.seeds", "model.device", "eval")
-UNTRACKED = ("runtime.eval_workers",)  # more decoding workers, the same images in the same order
+# more decoding workers: the same images in the same order; the logit scale scales every logit alike: the
+# same argmax, all that is scored
+UNTRACKED = ("runtime.eval_workers", "train.logit_scale")
 
 
 @app.command()
@@ -21,4 +23,4 @@ def evaluate(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = 
     inputs.adapters(method, dataset, p.data.seeds)
     from clip_qlora.jobs.evaluate import evaluate_dataset  # torch: after params are checked
 
-    evaluate_dataset(method, dataset, data=p.data, eval=p.eval, runtime=p.runtime, device=p.model.device)
+    evaluate_dataset(method, dataset, data=p.data, eval=p.eval, train=p.train, runtime=p.runtime, device=p.model.device)

@@ -42,7 +42,8 @@ def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_param
     clip = ad.inner(peft_model)
     tokens = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
     text = S.class_features(clip, tokens, "cpu", torch.bfloat16)
-    ours = S.logits(clip, text, images, "cpu", torch.bfloat16)
+    scale = tiny_params.train.logit_scale  # the stage passes train.logit_scale, as training's loss takes it
+    ours = S.logits(clip, text, images, "cpu", torch.bfloat16, scale)
     assert ours.dtype == torch.float32
 
     # the training path's forward (same adapters, loaded for training), dropout off
@@ -50,13 +51,13 @@ def test_bf16_arm_is_evaluated_with_the_function_it_trained(tmp_path, tiny_param
     run.model.eval()
     with torch.no_grad(), run.autocast():
         img = unit(encode_image(run.clip, images))
-        trained = cosine_logits(img, run.class_features(), 100.0)
+        trained = cosine_logits(img, run.class_features(), run.logit_scale)
     assert torch.equal(ours, trained)
 
     # what the old evaluation did: the update merged into bf16 weights is another function
     merged = E.with_adapters(load_base(tmp_path / "bf16", "cpu")[0], {"2": tmp_path / "seed2"}).merge_and_unload()
     merged_logits = S.logits(merged, S.class_features(merged, tokens, "cpu", torch.bfloat16), images, "cpu",
-                             torch.bfloat16)
+                             torch.bfloat16, scale)
     assert not torch.equal(merged_logits, ours)
 
 
@@ -80,9 +81,11 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
     batches = [(torch.randn(8, 3, 64, 64, generator=gen), torch.randint(0, 4, (8,), generator=gen))
                for _ in range(3)]
     zero_shot = {"clip": PROMPTS, "coop": [f"{c} texture." for c in ("red", "green", "blue", "yellow")]}
+    scale = tiny_params.train.logit_scale
 
     def run(dirs):
-        return E.evaluate_seeds(tmp_path / "nf4", dirs, PROMPTS, ["r", "g", "b", "y"], lambda *_: batches, "cpu")
+        return E.evaluate_seeds(tmp_path / "nf4", dirs, PROMPTS, ["r", "g", "b", "y"], lambda *_: batches, "cpu",
+                                scale)
 
     both = run({"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
     alone = run({"2": tmp_path / "seed2"})
@@ -94,7 +97,8 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
     tokens = TextTokens.from_prompts(PROMPTS, "clip-tiny").tokens
 
     def seed_logits(clip):
-        return S.logits(clip, S.class_features(clip, tokens, "cpu", torch.float32), x, "cpu", torch.float32)
+        return S.logits(clip, S.class_features(clip, tokens, "cpu", torch.float32), x, "cpu", torch.float32,
+                        scale)
 
     two = E.with_adapters(load_base(tmp_path / "nf4", "cpu")[0], {"1": tmp_path / "seed1", "2": tmp_path / "seed2"})
     for seed in ("1", "2"):
@@ -110,10 +114,10 @@ def test_each_seed_and_the_zero_shot_pass_see_only_their_own_function(tmp_path, 
 
     base, _ = load_base(tmp_path / "nf4", "cpu")
     gold = torch.cat([y for _, y in batches])
-    zs = S.zero_shot(*load_base(tmp_path / "nf4", "cpu"), zero_shot, lambda *_: batches, "cpu")
+    zs = S.zero_shot(*load_base(tmp_path / "nf4", "cpu"), zero_shot, lambda *_: batches, "cpu", scale)
     for name, prompts in zero_shot.items():  # each prompt set scored on its own: the same accuracy
         text = S.class_features(base, TextTokens.from_prompts(prompts, "clip-tiny").tokens, "cpu", torch.float32)
-        plain = torch.cat([S.logits(base, text, x, "cpu", torch.float32).argmax(-1) for x, _ in batches])
+        plain = torch.cat([S.logits(base, text, x, "cpu", torch.float32, scale).argmax(-1) for x, _ in batches])
         assert zs["zero_shot"][name] == S.accuracy(plain, gold), name
     assert set(zs["zero_shot"]) == {"clip", "coop"} and zs["n_test"] == both["n_test"] == 24
     assert zs["passes"] == 1 and both["passes"] == 2

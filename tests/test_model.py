@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from clip_qlora.core import model as M
 from clip_qlora.core.base import make_base
+from clip_qlora.core.random_base import parameter_count
 from clip_qlora.runtime.io import UserError
 
 PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "x", "a photo of a very, very long name."]
@@ -121,6 +122,26 @@ def test_quick_gelu_resolution(arch, pretrained, setting, expected):
     assert M.resolve_quick_gelu(arch, pretrained, setting) is expected
 
 
+def _message(call) -> str:
+    with pytest.raises(UserError) as e:
+        call()
+    return str(e.value)
+
+
+@pytest.mark.parametrize("key,value,build", [
+    ("model.arch", "vit_b/16", lambda: M.create_clip("vit_b/16", "none")),
+    ("scale.archs", ["vit_b/16"], lambda: parameter_count("vit_b/16")),
+    ("model.quick_gelu", "yes", lambda: M.resolve_quick_gelu("clip-tiny", "none", "yes")),
+])
+def test_a_bad_architecture_or_activation_is_one_line_wherever_it_is_caught(key, value, build):
+    """Checking params and building a model run the one check (archs.check, archs.check_quick_gelu)."""
+    from clip_qlora import config
+
+    line = _message(lambda: config.load_with({key: value}))
+    assert line.startswith(f"params: {key} = ")
+    assert _message(build) == line and "\n" not in line
+
+
 def test_local_checkpoint_needs_an_explicit_activation(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
@@ -165,3 +186,14 @@ def test_architectures_read_without_open_clip_are_open_clips():
     for arch in ("ViT-B-16", "clip-tiny"):
         assert archs.configs()[arch] == open_clip.get_model_config(arch)
         assert archs.tower_depth(arch, "text") == open_clip.get_model_config(arch)["text_cfg"]["layers"]
+
+
+def test_every_compute_dtype_params_accept_is_a_torch_dtype_of_its_width():
+    """config.DTYPES is the one table: its names are what model.compute_dtype accepts, its values torch's."""
+    from clip_qlora import config
+    from clip_qlora.core.base import resolve_dtype
+
+    for name in config.DTYPES:
+        dtype = resolve_dtype(name, "cpu")
+        assert dtype.is_floating_point and dtype.itemsize * 8 == int(name[2:]), name
+    assert resolve_dtype("auto", "cpu") == torch.float32

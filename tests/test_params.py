@@ -235,6 +235,26 @@ def test_unknown_arch_names_a_few_close_matches(tmp_path, key):
     assert len(message) < 300 and "ViT-bigG-14" not in message, message
 
 
+@pytest.mark.parametrize("spec,parsed", [
+    ("4x8", (4, 8)), ("32x1", (32, 1)), ("04x8", (4, 8)),
+    ("0x8", None), ("4x", None), ("4x8x2", None), ("4*8", None), (" 4x8", None), ("4 x 8", None), ("+4x8", None),
+    ("\uff14x8", None), (48, None),  # a full-width digit (int() reads it), a YAML number
+])
+def test_one_reading_of_a_batch_configuration(spec, parsed):
+    """params (profile.batches, scale.batches), the jobs and the report read '4x8' the same way: a key the
+    report would not read back as a batch is refused up front, as it once was not (' 4x8' passed int())."""
+    from clip_qlora.report.inputs import is_batch_key
+
+    assert config.parse_batch(spec) == parsed
+    if isinstance(spec, str):
+        assert is_batch_key(f"b{spec}") is (parsed is not None)
+    if parsed is None:
+        with pytest.raises(UserError, match=r"^params: profile\.batches = .*: expected strings like '4x8'"):
+            config.load_with({"profile.batches": ["32x1", spec]})
+    else:
+        assert config.load_with({"profile.batches": [spec]}).profile.batches == [spec]
+
+
 def test_missing_params_file(tmp_path):
     with pytest.raises(UserError, match=r"nope\.yaml: params file not found"):
         config.load(tmp_path / "nope.yaml")

@@ -53,6 +53,29 @@ def test_checkpointing_gives_same_nonzero_grads(saved_bases, tiny_params, arm):
     assert any((other_masks[n] - gc[n]).abs().max() > 1e-4 for n in gc)
 
 
+def test_a_base_reused_for_another_run_trains_as_a_fresh_one(saved_bases, tiny_params):
+    """Tests reuse one in-memory base across runs (test_memory): the next run's BlockDropout takes the blocks
+    over from the last run's, checkpointed or not, so nothing needs undoing beyond unloading the adapters."""
+    from clip_qlora.core.base import load_base
+    from clip_qlora.core.step import run_on_model
+
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def grads(model, meta):
+        run = run_on_model(model, meta, "lora", PROMPTS, "cpu", 10, seed=3, **groups_of(tiny_params))
+        with torch.no_grad():
+            for n, p in run.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(zlib.crc32(n.encode())))
+        return _grads(run, images, labels)
+
+    model, meta = load_base(saved_bases["bf16"], "cpu")
+    run_on_model(model, meta, "lora_gc", PROMPTS, "cpu", 10, seed=5, **groups_of(tiny_params)).model.unload()
+    reused, fresh = grads(model, meta), grads(*load_base(saved_bases["bf16"], "cpu"))
+    assert reused.keys() == fresh.keys() and all(torch.equal(reused[n], fresh[n]) for n in fresh)
+
+
 def test_accumulation_equals_full_batch(saved_bases, tiny_params):
     """Micro-batches' gradients sum to the full batch's and the returned loss is the full batch's.
 

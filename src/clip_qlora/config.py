@@ -17,14 +17,14 @@ from typing import Any
 import yaml
 
 from clip_qlora.core import archs
-from clip_qlora.runtime.io import UserError
+from clip_qlora.runtime.io import UserError, bad_param as _bad
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept on CPU and CUDA
 TOWERS = ("vision", "text")
 TARGETS = ("q", "k", "v", "out")
 TEMPLATES = ("clip", "coop")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # model.compute_dtype (or auto) -> torch's name
 SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
 BATCHINGS = ("epochs", "full")
@@ -145,10 +145,6 @@ class Params:
     scale: Scale
 
 
-def _bad(key: str, value: Any, allowed: str) -> UserError:
-    return UserError(f"params: {key} = {value!r}: expected {allowed}")
-
-
 def _int(key, v, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise _bad(key, v, f"an integer >= {lo}")
@@ -186,12 +182,21 @@ def _bool(key, v):
     return v
 
 
+_BATCH = re.compile(r"([0-9]+)x([0-9]+)")
+
+
+def parse_batch(spec: Any) -> tuple[int, int] | None:
+    """A batch configuration, '4x8': (micro-batch, accumulation steps), both >= 1; None if `spec` is not one.
+    The one reading of profile.batches and scale.batches, and of the profile metrics' keys after their 'b'."""
+    m = _BATCH.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None or int(m[1]) < 1 or int(m[2]) < 1:
+        return None
+    return int(m[1]), int(m[2])
+
+
 def _batch_spec(key, v):
-    try:
-        micro, accum = (int(x) for x in str(v).split("x"))
-        assert micro >= 1 and accum >= 1
-    except (ValueError, AssertionError):
-        raise _bad(key, v, "strings like '4x8' (micro-batch x accumulation steps)") from None
+    if parse_batch(v) is None:
+        raise _bad(key, v, "strings like '4x8' (micro-batch x accumulation steps)")
     return v
 
 
@@ -233,13 +238,11 @@ def validate(p: Params) -> Params:
     _choice("data.template", d.template, TEMPLATES)
     _choice("data.split_draw", d.split_draw, SPLIT_DRAWS)
     m = p.model
-    if not isinstance(m.arch, str) or m.arch not in archs.configs():
-        raise _bad("model.arch", m.arch, archs.suggest(m.arch))
+    archs.check(m.arch, "model.arch")
     if not isinstance(m.pretrained, str) or not m.pretrained:
         raise _bad("model.pretrained", m.pretrained, "an open_clip tag (openai), a checkpoint path, or none")
-    _choice("model.compute_dtype", m.compute_dtype, DTYPES)
-    if m.quick_gelu not in ("auto", True, False) or type(m.quick_gelu) not in (str, bool):
-        raise _bad("model.quick_gelu", m.quick_gelu, "auto, true or false")
+    _choice("model.compute_dtype", m.compute_dtype, ("auto", *DTYPES))
+    archs.check_quick_gelu(m.quick_gelu)
     if not (m.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(m.device))):
         raise _bad("model.device", m.device, "auto, cpu, cuda or cuda:N")
     q = p.quant
@@ -312,10 +315,8 @@ def validate(p: Params) -> Params:
 def _validate_scale(sc: Scale, layers: list | None, towers: list) -> None:
     if not isinstance(sc.archs, list) or not sc.archs or len(set(map(str, sc.archs))) != len(sc.archs):
         raise _bad("scale.archs", sc.archs, "a non-empty list of distinct open_clip architectures")
-    known = archs.configs()
     for a in sc.archs:
-        if not isinstance(a, str) or a not in known:
-            raise _bad("scale.archs", a, archs.suggest(a))
+        archs.check(a, "scale.archs")
         depth = min(archs.tower_depth(a, t) for t in towers)
         if layers is not None and max(layers) >= depth:
             raise _bad("lora.layers", layers, f"block indices below {depth} (scale.archs has {a}, {depth} blocks "

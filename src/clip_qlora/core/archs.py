@@ -14,6 +14,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from clip_qlora.runtime.io import bad_param
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"  # the shipped architectures (clip-tiny)
 TOWER_CFG = {"vision": "vision_cfg", "text": "text_cfg"}
 
@@ -47,3 +49,17 @@ def suggest(name) -> str:
     shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
     hint = f"close: {', '.join(close)}; " if close else ""
     return f"an open_clip architecture ({hint}all: open_clip.list_models()) or a shipped one ({shipped})"
+
+
+def check(arch, key: str) -> None:
+    """The one check of an architecture's name: params validation (model.arch, scale.archs) and the model
+    builders run it, so an unknown name is the same one line wherever it is caught."""
+    if not isinstance(arch, str) or arch not in configs():
+        raise bad_param(key, arch, suggest(arch))
+
+
+def check_quick_gelu(setting) -> None:
+    """model.quick_gelu: auto (the weights' pretrained config says), or true or false (forced)."""
+    # type checked too: 1 == True in Python
+    if setting not in ("auto", True, False) or type(setting) not in (str, bool):
+        raise bad_param("model.quick_gelu", setting, "auto, true or false")

@@ -8,12 +8,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from clip_qlora.config import DTYPES
 from clip_qlora.core import backends
 from clip_qlora.runtime import gpu_claim
 from clip_qlora.runtime.io import UserError, atomic_dir, read_json, remake
 from clip_qlora.core.model import build_base, uses_quick_gelu
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(device: str) -> str:
@@ -31,7 +30,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     """'auto' is bf16 on a GPU (the study's setting) and fp32 on CPU (where bf16 matmuls are slow)."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def make_base(arch: str, pretrained: str, base: str, settings: dict | None, compute_dtype: torch.dtype,
@@ -39,11 +38,17 @@ def make_base(arch: str, pretrained: str, base: str, settings: dict | None, comp
     """Build the base of one arm on `device`. Returns (model, meta) where meta describes it for reloading."""
     model, is_pretrained = build_base(arch, pretrained, compute_dtype, quick_gelu)
     model = backends.get(base).convert(model, settings, compute_dtype, device)
+    return model, base_meta(model, arch, pretrained, is_pretrained, base, settings, compute_dtype)
+
+
+def base_meta(model: nn.Module, arch: str, pretrained: str, is_pretrained: bool, base: str, settings: dict | None,
+              compute_dtype: torch.dtype, **extra) -> dict:
+    """The description of a built base (saved as its base.json; `extra` keys before the activation): what
+    `load_base` rebuilds it from and what every metrics file records of it."""
     # the activation that ran is part of the base: a reload must rebuild the same function
-    meta = {"arch": arch, "pretrained": str(pretrained), "is_pretrained": is_pretrained, "base": base,
-            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings,
+    return {"arch": arch, "pretrained": str(pretrained), "is_pretrained": is_pretrained, "base": base,
+            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings, **extra,
             "activation": "quick_gelu" if uses_quick_gelu(model) else "gelu"}
-    return model, meta
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

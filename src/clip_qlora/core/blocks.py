@@ -95,9 +95,3 @@ class BlockDropout:
     def generators(self) -> list[torch.Generator]:
         """Every generator the blocks draw from (a CUDA graph must register them before capture)."""
         return [g for s in self.streams for g in (s.forward, s.recompute) if g is not None]
-
-
-def restore_blocks(clip: nn.Module) -> None:
-    """Undo BlockDropout on a model that is reused for another run (tests, benchmarks)."""
-    for block in transformer_blocks(clip):
-        block.__dict__.pop("forward", None)

@@ -119,10 +119,9 @@ def resolve_quick_gelu(arch: str, pretrained: str, setting) -> bool:
     fact open_clip keeps for each tag), uses the architecture's own config for random weights, and refuses to
     guess for a local checkpoint, whose file does not say.
     """
+    archs.check_quick_gelu(setting)
     if isinstance(setting, bool):
         return setting
-    if setting != "auto":
-        raise UserError(f"model.quick_gelu: {setting!r}: expected auto, true or false")
     if pretrained in ("none", "", None):
         return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
     if _is_local(pretrained):
@@ -172,9 +171,8 @@ def create_clip(arch: str, pretrained: str, quick_gelu="auto", device: str = "cp
     `quick_gelu`: auto, True or False (see `resolve_quick_gelu`); `uses_quick_gelu(model)` tells which ran.
     `device="meta"`: a skeleton with no values (for saved weights to fill; no "random weights" warning).
     """
+    archs.check(arch, "model.arch")
     register_configs()
-    if arch not in open_clip.list_models():
-        raise UserError(f"model.arch: unknown architecture {arch!r}; expected {archs.suggest(arch)}")
     if not (pretrained in ("none", "", None) or _is_local(pretrained)
             or pretrained in open_clip.list_pretrained_tags_by_model(arch)):
         raise UserError(f"model.pretrained: {pretrained!r} is not an open_clip tag for {arch} "
@@ -213,6 +211,14 @@ def prepare_precision(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module
         if isinstance(m, nn.LayerNorm):
             m.float()
     return model
+
+
+def autocast(device: str, compute_dtype: torch.dtype):
+    """The one autocast policy, training's and scoring's: matmuls in the compute dtype, what autocast keeps in
+    fp32 (LayerNorm, softmax, the loss) in fp32; in fp32 nothing to cast."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=compute_dtype)
 
 
 def _layernorm_in(ln: nn.LayerNorm, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):

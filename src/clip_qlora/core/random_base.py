@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 
 from clip_qlora.core import archs, backends
-from clip_qlora.runtime.io import UserError
+from clip_qlora.core.base import base_meta
 from clip_qlora.core.model import (INIT_SEED, activation_kwargs, prepare_precision, register_configs, resolve_quick_gelu,
-                    split_attention, uses_quick_gelu)
+                    split_attention)
 
 
 @contextlib.contextmanager
@@ -43,9 +43,8 @@ def _defaults(device: str, dtype: torch.dtype):
 
 
 def _check_arch(arch: str) -> None:
+    archs.check(arch, "scale.archs")
     register_configs()
-    if arch not in open_clip.list_models():
-        raise UserError(f"scale.archs: unknown architecture {arch!r}; expected {archs.suggest(arch)}")
 
 
 def build_on_device(arch: str, compute_dtype: torch.dtype, device: str) -> nn.Module:
@@ -72,11 +71,8 @@ def make_random_base(arch: str, base: str, settings: dict | None, compute_dtype:
     model = backends.get(base).convert(model, settings, compute_dtype, device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    meta = {"arch": arch, "pretrained": "none", "is_pretrained": False, "base": base,
-            "compute_dtype": str(compute_dtype).removeprefix("torch."), "settings": settings,
-            "init": f"random, on {device}", "build_seconds": time.perf_counter() - t0,
-            "activation": "quick_gelu" if uses_quick_gelu(model) else "gelu"}
-    return model, meta
+    return model, base_meta(model, arch, "none", False, base, settings, compute_dtype,
+                            init=f"random, on {device}", build_seconds=time.perf_counter() - t0)
 
 
 def parameter_count(arch: str) -> int:

@@ -1,9 +1,9 @@
 """Scoring a model on a test split: class features, logits, accuracy, and the base's zero-shot accuracy.
 
-No PEFT here: the zero-shot stage scores the saved base as it is, so it imports neither PEFT nor transformers
-(seconds of start-up on a GPU machine). `evaluate` adds each seed's adapters on top of these pieces.
-Logits come from fp32 unit features (`model.cosine_logits`), as the training loss takes them, under the
-training autocast.
+No PEFT here: the zero-shot stage scores the saved base as it is, so its start-up does not import PEFT and the
+transformers auto classes PEFT loads (tests/test_imports.py). `evaluate` adds each seed's adapters on top.
+Logits come from fp32 unit features (`model.cosine_logits`) at train.logit_scale, as the training loss takes
+them, under the training autocast (only their argmax is scored, which the scale does not move).
 """
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ import time
 
 import torch
 
-from clip_qlora.core.model import TextTokens, cosine_logits, encode_image, encode_text, preprocess_stats, unit
+from clip_qlora.core.model import TextTokens, autocast, cosine_logits, encode_image, encode_text, preprocess_stats, unit
 from clip_qlora.runtime.progress import Bar
-
-LOGIT_SCALE = 100.0  # argmax does not depend on it; kept so `logits` returns what the loss saw
-
-
-def autocast(device: str, compute_dtype):
-    return torch.autocast(device.split(":")[0], dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-
 
 @torch.no_grad()
 def class_features(clip, tokens: torch.Tensor, device: str, compute_dtype) -> torch.Tensor:
@@ -33,8 +26,9 @@ def image_features(clip, images: torch.Tensor, device: str, compute_dtype) -> to
         return unit(encode_image(clip, images))
 
 
-def logits(clip, text_unit: torch.Tensor, images: torch.Tensor, device: str, compute_dtype) -> torch.Tensor:
-    return cosine_logits(image_features(clip, images, device, compute_dtype), text_unit, LOGIT_SCALE)
+def logits(clip, text_unit: torch.Tensor, images: torch.Tensor, device: str, compute_dtype,
+           logit_scale: float) -> torch.Tensor:
+    return cosine_logits(image_features(clip, images, device, compute_dtype), text_unit, logit_scale)
 
 
 def accuracy(preds: torch.Tensor, gold: torch.Tensor) -> float:
@@ -66,9 +60,10 @@ def predict(batches, score, device: str, label: str):
     return preds, gold, seconds
 
 
-def zero_shot(model, meta: dict, prompt_sets: dict[str, list[str]], make_batches, device: str) -> dict:
+def zero_shot(model, meta: dict, prompt_sets: dict[str, list[str]], make_batches, device: str,
+              logit_scale: float) -> dict:
     """Accuracy of a loaded base (`base.load_base`), no adapters, with each prompt set: one image forward per
-    test image, the class features of every prompt set compared with it."""
+    test image, the class features of every prompt set compared with it (logit_scale: train.logit_scale)."""
     model.eval()
     dtype = getattr(torch, meta["compute_dtype"])
     size, mean, std = preprocess_stats(model)
@@ -77,7 +72,7 @@ def zero_shot(model, meta: dict, prompt_sets: dict[str, list[str]], make_batches
 
     def score(images):
         img = image_features(model, images, device, dtype)
-        return {name: cosine_logits(img, text, LOGIT_SCALE) for name, text in texts.items()}
+        return {name: cosine_logits(img, text, logit_scale) for name, text in texts.items()}
 
     preds, gold, seconds = predict(make_batches(size, mean, std), score, device, "zero-shot")
     return {"zero_shot": {name: accuracy(preds[name], gold) for name in prompt_sets}, "n_test": int(len(gold)),

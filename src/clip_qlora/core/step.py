@@ -4,7 +4,6 @@ CUDA it is captured once and replayed (graphs.py), the same arithmetic.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -19,7 +18,7 @@ from clip_qlora.core import adapters as ad
 from clip_qlora.core import backends, qkv
 from clip_qlora.core.base import load_base
 from clip_qlora.core.blocks import BlockDropout
-from clip_qlora.core.model import (TextTokens, cosine_logits, embed_prompts, encode_image, encode_text,
+from clip_qlora.core.model import (TextTokens, autocast, cosine_logits, embed_prompts, encode_image, encode_text,
                                    layernorms_in_compute_dtype, preprocess_stats, unit)
 
 
@@ -54,10 +53,7 @@ class Run:
                 group["lr"] = lr
 
     def autocast(self):
-        # The same autocast in both arms: matmuls in compute dtype, LayerNorm/softmax/loss in fp32.
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.split(":")[0], dtype=self.compute_dtype)
+        return autocast(self.device, self.compute_dtype)  # the same in both arms, and in scoring
 
     def class_features(self) -> torch.Tensor:
         if self.text_trainable:

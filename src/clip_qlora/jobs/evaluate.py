@@ -32,9 +32,10 @@ def with_adapters(base, adapter_dirs: dict[str, str | Path]):
     return peft_model
 
 
-def evaluate_seeds(base_dir, adapter_dirs: dict[str, str], prompts, classnames, make_batches, device: str):
+def evaluate_seeds(base_dir, adapter_dirs: dict[str, str], prompts, classnames, make_batches, device: str,
+                   logit_scale: float):
     """Accuracy of each seed's adapters, in one pass over the test split: each batch is decoded once and goes
-    through every seed's adapters, switched in place; the base is loaded once."""
+    through every seed's adapters, switched in place; the base is loaded once. logit_scale: train.logit_scale."""
     model, meta = load_base(base_dir, device)
     dtype = getattr(torch, meta["compute_dtype"])
     size, mean, std = preprocess_stats(model)
@@ -50,7 +51,7 @@ def evaluate_seeds(base_dir, adapter_dirs: dict[str, str], prompts, classnames, 
         out = {}
         for seed, text in texts.items():
             peft_model.set_adapter(seed)
-            out[seed] = logits(clip, text, images, device, dtype)
+            out[seed] = logits(clip, text, images, device, dtype, logit_scale)
         return out
 
     preds, gold, seconds = predict(make_batches(size, mean, std), score, device, "evaluate (every seed)")
@@ -68,9 +69,10 @@ def evaluate_seeds(base_dir, adapter_dirs: dict[str, str], prompts, classnames, 
     return out
 
 
-def evaluate_dataset(method: str, dataset: str, *, data, eval, runtime, device: str) -> dict:
+def evaluate_dataset(method: str, dataset: str, *, data, eval, train, runtime, device: str) -> dict:
     """The evaluate stage: metrics/eval/<method>/<dataset>.json and its confusion plot. data: root and seeds;
-    eval: the eval group; runtime: eval_workers only (same images, same order); device: model.device."""
+    eval: the eval group; train: logit_scale only; runtime: eval_workers only (same images, same order);
+    device: model.device."""
     device = resolve_device(device)
     root = Path(data.root)
     split = load_split(split_path(dataset), root)
@@ -84,7 +86,8 @@ def evaluate_dataset(method: str, dataset: str, *, data, eval, runtime, device: 
                             eval.decode)
 
     r = evaluate_seeds(base_dir=base_of(method), adapter_dirs=dirs, prompts=class_prompts(split),
-                        classnames=split["classnames"], make_batches=make_batches, device=device)
+                        classnames=split["classnames"], make_batches=make_batches, device=device,
+                        logit_scale=train.logit_scale)
     accs = list(r["accuracy"].values())
     per_class = {c: statistics.mean(v[c] for v in r["per_seed_per_class"].values()
                                     if v[c] is not None) if any(v[c] is not None for v in

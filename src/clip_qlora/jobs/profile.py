@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from clip_qlora.config import parse_batch
 from clip_qlora.core.memory import (CudaPeak, DriverMemory, SavedActivations, allocated_bytes, frozen_weight_bytes,
                      trainable_bytes)
 from clip_qlora.core.base import resolve_device
@@ -22,11 +23,6 @@ from clip_qlora.runtime.processes import FreshProcesses
 
 # What a fresh measuring process imports while the previous one measures (torch, open_clip, peft, bitsandbytes).
 WARM = ("clip_qlora.jobs.profile",)
-
-
-def parse_batch(spec: str) -> tuple[int, int]:
-    micro, accum = (int(x) for x in spec.split("x"))
-    return micro, accum
 
 
 def synthetic_prompts(n_classes: int) -> list[str]:

@@ -37,7 +37,8 @@ from clip_qlora.core.base import resolve_device, resolve_dtype
 from clip_qlora.runtime.io import UserError, device_name, versions, write_json
 from clip_qlora.core.memory import DriverMemory
 from clip_qlora.runtime.processes import FreshProcesses
-from clip_qlora.jobs.profile import measure_run, parse_batch, synthetic_prompts
+from clip_qlora.config import parse_batch
+from clip_qlora.jobs.profile import measure_run, synthetic_prompts
 from clip_qlora.core.random_base import make_random_base, parameter_count
 from clip_qlora.core.step import run_on_model, set_cublas_workspace
 

@@ -1,10 +1,11 @@
 """The zeroshot stage: one base's zero-shot accuracy on every dataset's test split, with every prompt set.
 
 Once per base and dataset: the methods that share a base (lora and lora_gc, qlora and qlora_gc) share its
-zero-shot numbers, so no evaluate stage measures them. One stage per base, not per (base, dataset): a stage
-process costs 15-25 s of start-up on the GPU machine measured (torch, open_clip, bitsandbytes), more than
-most datasets' zero-shot pass, so 16 small stages would spend more time starting than the passes they save.
-The price: adding a dataset reruns both bases' zero-shot, a pass over every test split.
+zero-shot numbers, so no evaluate stage measures them. One stage per base, not per (base, dataset): a stage's
+start-up (importing torch, open_clip, bitsandbytes) takes as long as a small dataset's zero-shot pass or longer
+(start-up cold and warm, and the pass over Food101's, the largest test split, are measured in
+benchmarks/results/2026-12-01-nvidia-h200-study.md), so 16 small stages would spend more time starting than the
+passes they save. The price: adding a dataset reruns both bases' zero-shot, a pass over every test split.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def metrics_path(base: str) -> Path:
     return Path("metrics/zeroshot") / f"{base}.json"
 
 
-def zeroshot_base(base: str, datasets: list[str], *, data, eval, runtime, device: str) -> dict:
+def zeroshot_base(base: str, datasets: list[str], *, data, eval, train, runtime, device: str) -> dict:
     """The zeroshot stage: metrics/zeroshot/<base>.json. data: root and template; eval: the eval group;
-    runtime: eval_workers only; device: model.device."""
+    train: logit_scale only; runtime: eval_workers only; device: model.device."""
     device = resolve_device(device)
     root = Path(data.root)
     splits = {d: load_split(split_path(d), root) for d in datasets}  # every split checked before the model
@@ -40,7 +41,7 @@ def zeroshot_base(base: str, datasets: list[str], *, data, eval, runtime, device
         # per-dataset templates
         prompt_sets = {name: [template.format(c) for c in split["classnames"]]
                        for name, template in zero_shot_templates(dataset).items()}
-        r = zero_shot(model, meta, prompt_sets, make_batches, device)
+        r = zero_shot(model, meta, prompt_sets, make_batches, device, train.logit_scale)
         # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
         per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][data.template], "zero_shot": r["zero_shot"],
                                 "n_test": r["n_test"]}

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clip_qlora.config import parse_batch
 from clip_qlora.core.backends import METHODS
 from clip_qlora.runtime.io import UserError, read_json
 
@@ -171,10 +172,7 @@ def load(methods: list[str], datasets: list[str], metrics_dir: Path) -> Inputs:
 
 def is_batch_key(key: str) -> bool:
     """`b<micro>x<accum>`, e.g. b4x8, b32x1."""
-    if not key.startswith("b") or "x" not in key:
-        return False
-    micro, _, accum = key[1:].partition("x")
-    return micro.isdigit() and accum.isdigit()
+    return key.startswith("b") and parse_batch(key[1:]) is not None
 
 
 def batch_label(key: str) -> str:

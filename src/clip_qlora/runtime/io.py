@@ -22,6 +22,11 @@ class UserError(Exception):
     """A problem the user can fix (bad params, missing data or weights). Shown as one line, exit code 2."""
 
 
+def bad_param(key: str, value: Any, allowed: str) -> UserError:
+    """The one form of a bad params value's error: the key, the value, what is allowed."""
+    return UserError(f"params: {key} = {value!r}: expected {allowed}")
+
+
 # A temporary output is named `.<target>.<writer pid>.<random><suffix>.tmp` beside its target: a writer killed
 # outright (SIGKILL, power loss) cannot remove its own, so the next writer of the same target removes those whose
 # writer is gone. A live writer's (another process, or this one) is never touched. The pattern is strict (mkstemp's
@@ -186,8 +191,9 @@ def versions() -> dict[str, str]:
 
     A module already imported tells its own version (torch's carries its CUDA build, "+cu130", which the
     distribution's metadata may not); one not imported is read from the installed distribution, not imported:
-    importing PEFT (and the transformers modules it pulls in) costs 10-20 s on a GPU machine, and a stage that
-    never uses it must not pay that to name it."""
+    importing PEFT (and the transformers modules it pulls in) is part of a cold stage's start-up (measured:
+    benchmarks/results/2026-12-01-nvidia-h200-study.md), and a stage that never uses it must not pay for it to
+    name it."""
     import sys
     from importlib import metadata
 
