@@ -19,7 +19,8 @@ def prepare(dataset: str = DatasetOpt,
     p = config.load(params)
     config.require_member("dataset", dataset, p.datasets)
     d = p.data
-    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw)
+    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw,
+                          p.own_datasets)
     out = out or Path("data/splits") / f"{dataset}.json"
     write_split(out, split)
     write_digests(out, split, Path(d.root))

@@ -37,7 +37,7 @@ def zeroshot(p, base: str) -> dict:
         # both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row used CoOp's
         # per-dataset templates
         prompt_sets = {name: [template.format(c) for c in split["classnames"]]
-                       for name, template in zero_shot_templates(dataset).items()}
+                       for name, template in zero_shot_templates(dataset, p.own_datasets).items()}
         r = zero_shot(model, meta, prompt_sets, make_batches, device)
         # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
         per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][p.data.template], "zero_shot": r["zero_shot"],
