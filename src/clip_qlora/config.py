@@ -359,8 +359,12 @@ def _own_datasets(raw, builtin) -> dict[str, OwnDataset]:
                 or not 0 < e.test_fraction < 1):
             raise _bad(f"{key}.test_fraction", e.test_fraction, "a number between 0 and 1 (the share of each "
                                                                 "class's images held out for testing)")
-        if e.classnames is not None:
-            _relative(f"{key}.classnames", e.classnames, "null or a file in the dataset folder")
+        # at the top of the dataset folder: in a subfolder it would sit in a class folder
+        if e.classnames is not None and (not isinstance(e.classnames, str) or not e.classnames.strip()
+                                         or "/" in e.classnames or "\\" in e.classnames
+                                         or e.classnames in (".", "..")):
+            raise _bad(f"{key}.classnames", e.classnames, "null or the name of a file at the top of the dataset "
+                                                          "folder")
         out[name] = e
     return out
 
