@@ -154,6 +154,7 @@ BAD += [
                                                               "under data.root", "without '..'"]),
     ("own_datasets.mine", {**OWN, "folder": "/data/textile"}, ["own_datasets.mine.folder", "'/data/textile'"]),
     ("own_datasets.mine", {**OWN, "folder": ""}, ["own_datasets.mine.folder", "''", "under data.root"]),
+    ("own_datasets.mine", {**OWN, "folder": "."}, ["own_datasets.mine.folder", "'.'", "under data.root"]),
     ("own_datasets.mine", {**OWN, "template": "a photo"}, ["own_datasets.mine.template", "'a photo'", "one {}"]),
     ("own_datasets.mine", {**OWN, "template": "a {0} of {}"}, ["own_datasets.mine.template", "'a {0} of {}'"]),
     ("own_datasets.mine", {**OWN, "template": "a {kind} {}"}, ["own_datasets.mine.template", "'a {kind} {}'"]),

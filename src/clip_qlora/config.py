@@ -11,7 +11,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -326,7 +326,8 @@ OWN_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a stage name part (prepare@<name>) 
 def _relative(key: str, v, what: str) -> str:
     from .data.layouts import escapes
 
-    if not isinstance(v, str) or not v.strip() or escapes(v):
+    # "." would make data.root itself the dataset, every other dataset's folder one of its classes
+    if not isinstance(v, str) or not PurePosixPath(v.strip()).parts or escapes(v):
         raise _bad(key, v, f"{what}, a relative path without '..'")
     return v
 
