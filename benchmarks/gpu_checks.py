@@ -12,8 +12,11 @@
    sizes (scikit-image's sample photos when it imports, else synthetic scenes); (b) PNG (RGB, RGBA, palette,
    grey, 16-bit) and WebP files in batches without a JPEG, through the device decode of the fast path. The
    reference path must be within 0.01 mean (it is PIL's own pipeline: 0 expected); the fast path's numbers
-   are what the report's deviation says. Needs only torch, torchvision, PIL and numpy; --device cpu runs it
-   here (the tests do):
+   are what the report's deviation says; (c) the JPEGs a user's own folder may hold that are not plain RGB
+   (grey, CMYK, an EXIF orientation tag), through the fast path's device decode alone: PIL's size (orientation
+   not applied, as PIL does not) and PIL's colours within VARIANT_TOLERANCE (a wrong colour conversion is off
+   by tens of levels; nvJPEG's decoding by tenths). Needs only torch, torchvision, PIL and numpy; --device cpu
+   runs it here (the tests do):
 
        python benchmarks/gpu_checks.py --checks eval_input --out DIR [--device cpu]
 """
@@ -35,6 +38,7 @@ import torch  # noqa: E402
 
 TRAINING_CHECKS = ("graph", "checkpoint", "protocol")
 TOLERANCE = 0.01  # grey levels, mean over pixels: the reference path's bound (issue 23)
+VARIANT_TOLERANCE = 1.0  # grey levels, mean: the device decode of a grey, CMYK or EXIF-tagged JPEG against PIL's
 
 
 def run_steps(base_dir, method, use_graph, steps, micro, accum, straight=False, short=0):
@@ -170,6 +174,17 @@ def other_format_images(root: Path) -> list[str]:
     return list(files)
 
 
+def jpeg_variant_images(root: Path) -> list[str]:
+    """JPEGs that are not plain RGB: grey, CMYK, and one whose EXIF tag asks for a 90-degree turn; their names."""
+    scene = synthetic_scene(160, 120, 98)
+    exif = scene.getexif()
+    exif[0x0112] = 6
+    scene.convert("L").save(root / "grey.jpg", quality=90)
+    scene.convert("CMYK").save(root / "cmyk.jpg", quality=90)
+    scene.save(root / "exif_turned.jpg", quality=90, exif=exif.tobytes())
+    return ["grey.jpg", "cmyk.jpg", "exif_turned.jpg"]
+
+
 def reference_input(path: Path, size: int):
     """uint8 (size, size, 3): what CLIP-LoRA's evaluation feeds, from PIL alone (protocol.md): decode, convert
     to RGB, bicubic resize of the shorter side to `size` (the longer side truncated, as torchvision's Resize
@@ -265,12 +280,28 @@ def eval_input(root: Path, device: str, size: int = 224, batch_size: int = 16, w
     except Exception as e:  # noqa: BLE001
         out["other_decode_only"] = {"files": others, "pass": False, "error": f"{type(e).__name__}: {e}"}
     print(f"eval_input other_decode_only: {out['other_decode_only']}", flush=True)
+    # (c) grey, CMYK and EXIF-tagged JPEGs: the device decode keeps PIL's size and colours
+    variants = jpeg_variant_images(root)
+    try:
+        decoded = _decode_many([read_file(str(root / n)) for n in variants], [root / n for n in variants], device,
+                               decode_jpeg)
+        files = {}
+        for d, n in zip(decoded, variants):
+            ours = d.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+            ref = np.asarray(Image.open(root / n).convert("RGB"), dtype=np.float32)
+            files[n] = {"shape": list(ours.shape), "pil_shape": list(ref.shape),
+                        "mean": float(np.abs(ours - ref).mean()) if ours.shape == ref.shape else None}
+        ok = all(f["mean"] is not None and f["mean"] < VARIANT_TOLERANCE for f in files.values())
+        out["jpeg_variants_decode_only"] = {"files": files, "tolerance_grey_levels": VARIANT_TOLERANCE, "pass": ok}
+    except Exception as e:  # noqa: BLE001
+        out["jpeg_variants_decode_only"] = {"files": variants, "pass": False, "error": f"{type(e).__name__}: {e}"}
+    print(f"eval_input jpeg_variants_decode_only: {out['jpeg_variants_decode_only']}", flush=True)
     # what must hold: the default (reference) path everywhere, and every JPEG-free batch decoded by the fast path
     # (its resize is not the reference's: its numbers are the deviation the report lists)
     reference = [k for k in out if "_reference" in k]
     fast_other = [k for k in out if k.startswith("other_fast") or k == "mixed_fast"]
     out["pass"] = (all(out[k]["pass"] for k in reference) and all("error" not in out[k] for k in fast_other)
-                   and out["other_decode_only"]["pass"])
+                   and out["other_decode_only"]["pass"] and out["jpeg_variants_decode_only"]["pass"])
     print(f"eval_input: {'PASS' if out['pass'] else 'FAIL'} (device {device})", flush=True)
     return out
 

@@ -4,7 +4,8 @@ import typer
 
 from stages.app import DatasetOpt, DebugOpt, ParamsOpt, app, load_params, stage
 
-PARAMS = ("data.root", "data.shots", "data.seeds", "data.download", "data.template", "data.split_draw")
+PARAMS = ("data.root", "data.shots", "data.seeds", "data.download", "data.template", "data.split_draw",
+          "own_datasets")
 
 
 @app.command()
@@ -22,7 +23,8 @@ def prepare(dataset: str = DatasetOpt,
     p = load_params(params, "prepare", PARAMS)
     config.require_member("dataset", dataset, p.datasets)
     d = p.data
-    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw)
+    split = prepare_split(dataset, Path(d.root), d.shots, d.seeds, d.download, d.template, d.split_draw,
+                          p.own_datasets)
     out = out or split_path(dataset)
     write_split(out, split)
     write_digests(out, split, Path(d.root))

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from stages.app import BaseOpt, DebugOpt, ParamsOpt, app, load_params, scoring_stage
 
-PARAMS = ("datasets", "data.root", "data.template", "model.device", "eval")
+PARAMS = ("datasets", "own_datasets", "data.root", "data.template", "model.device", "eval")
 # more decoding workers: the same images in the same order; the logit scale scales every logit alike: the
 # same argmax, all that is scored
 UNTRACKED = ("runtime.eval_workers", "train.logit_scale")
@@ -23,4 +23,5 @@ def zeroshot(base: str = BaseOpt, params: Path = ParamsOpt, debug: bool = DebugO
     inputs.base(base)
     from clip_qlora.jobs.zeroshot import zeroshot_base  # torch: after params are checked
 
-    zeroshot_base(base, p.datasets, data=p.data, eval=p.eval, train=p.train, runtime=p.runtime, device=p.model.device)
+    zeroshot_base(base, p.datasets, data=p.data, own_datasets=p.own_datasets, eval=p.eval, train=p.train,
+                  runtime=p.runtime, device=p.model.device)

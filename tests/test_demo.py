@@ -153,3 +153,15 @@ def test_stopping_the_demo_leaves_no_process_and_no_folder(project, tmp_path, ho
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert p.returncode != 0
     assert not list(tmp.glob(warm.FOLDER_PREFIX + "*"))
+
+
+def test_a_kept_params_file_lacking_an_empty_group_is_named():
+    """own_datasets: {} is a key of the project's params: a demo params.yaml written before it existed lacks it
+    (and every stage would fail on it), one that fills it has it."""
+    from tools.demo import missing_keys
+
+    project = {"x": 1, "own_datasets": {}, "data": {"root": "r", "shots": 4}}
+    assert missing_keys(project, {"x": 1, "data": {"root": "r"}}) == ["data.shots", "own_datasets"]
+    assert missing_keys(project, {"x": 2, "own_datasets": {}, "data": {"root": "q", "shots": 1}}) == []
+    assert missing_keys(project, {"x": 2, "own_datasets": {"mine": {"folder": "m"}},
+                                  "data": {"root": "q", "shots": 1}}) == []

@@ -144,6 +144,36 @@ BAD = [
     ("scale.arch", ["clip-tiny"], ["unknown key scale.arch", "archs"]),
 ]
 
+# own_datasets: one entry changed from a good one
+OWN = {"folder": "textile", "template": "a photo of a {} textile.", "test_fraction": 0.2, "classnames": None}
+BAD += [
+    ("own_datasets.eurosat", OWN, ["own_datasets.eurosat", "'eurosat' is a built-in dataset", "another name"]),
+    ("own_datasets.My-Data", OWN, ["own_datasets", "'My-Data'", "lower-case letters, digits and underscores"]),
+    ("own_datasets.mine", "textile", ["own_datasets.mine", "'textile'", "a mapping"]),
+    ("own_datasets.mine", {**OWN, "folder": "../elsewhere"}, ["own_datasets.mine.folder", "'../elsewhere'",
+                                                              "under data.root", "without '..'"]),
+    ("own_datasets.mine", {**OWN, "folder": "/data/textile"}, ["own_datasets.mine.folder", "'/data/textile'"]),
+    ("own_datasets.mine", {**OWN, "folder": ""}, ["own_datasets.mine.folder", "''", "under data.root"]),
+    ("own_datasets.mine", {**OWN, "folder": "."}, ["own_datasets.mine.folder", "'.'", "under data.root"]),
+    ("own_datasets.mine", {**OWN, "template": "a photo"}, ["own_datasets.mine.template", "'a photo'", "one {}"]),
+    ("own_datasets.mine", {**OWN, "template": "a {0} of {}"}, ["own_datasets.mine.template", "'a {0} of {}'"]),
+    ("own_datasets.mine", {**OWN, "template": "a {kind} {}"}, ["own_datasets.mine.template", "'a {kind} {}'"]),
+    ("own_datasets.mine", {**OWN, "test_fraction": 0}, ["own_datasets.mine.test_fraction", "= 0", "between 0 and 1"]),
+    ("own_datasets.mine", {**OWN, "test_fraction": 1}, ["own_datasets.mine.test_fraction", "= 1", "between 0 and 1"]),
+    ("own_datasets.mine", {**OWN, "test_fraction": "half"}, ["own_datasets.mine.test_fraction", "'half'"]),
+    ("own_datasets.mine", {**OWN, "test_fraction": True}, ["own_datasets.mine.test_fraction", "True"]),
+    ("own_datasets.mine", {**OWN, "classnames": "/etc/names.txt"}, ["own_datasets.mine.classnames", "'/etc/names.txt'",
+                                                                    "null or the name of a file at the top"]),
+    ("own_datasets.mine", {**OWN, "classnames": "meta/names.txt"}, ["own_datasets.mine.classnames",
+                                                                    "'meta/names.txt'"]),
+    ("own_datasets.mine", {**OWN, "classnames": 3}, ["own_datasets.mine.classnames", "= 3"]),
+    ("own_datasets.mine", {k: v for k, v in OWN.items() if k != "classnames"},
+     ["missing key own_datasets.mine.classnames"]),
+    ("own_datasets.mine", {**OWN, "classes": "x"}, ["unknown key own_datasets.mine.classes", "classnames"]),
+    ("own_datasets", ["textile"], ["own_datasets", "['textile']", "a mapping", "{} for none"]),
+    ("datasets", ["shapes", "textile"], ["datasets", "'textile'", "eurosat"]),  # not declared
+]
+
 # Bad values that once slipped through the schema: each one crashed or misbehaved later, deep in a
 # stage, instead of being named up front; config.validate now names each one.
 LATE_CHECKS = [
@@ -176,6 +206,17 @@ def test_bad_param_is_named(tmp_path, key, value, fragments):
     assert message.startswith("params: ")
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_an_own_dataset_is_declared_in_params_and_named_in_datasets(tmp_path):
+    params = set_key(set_key(base_params(), "own_datasets.textile", OWN), "datasets", ["shapes", "textile"])
+    p = config.load(write_params(tmp_path, params))
+    assert p.datasets == ["shapes", "textile"]
+    assert p.own_datasets == {"textile": config.OwnDataset("textile", "a photo of a {} textile.", 0.2, None)}
+    # declared but not run, and none at all (`own_datasets:` left empty reads as null)
+    p = config.load(write_params(tmp_path, set_key(base_params(), "own_datasets.textile", OWN)))
+    assert p.datasets == ["shapes"] and list(p.own_datasets) == ["textile"]
+    assert config.load(write_params(tmp_path, set_key(base_params(), "own_datasets", None))).own_datasets == {}
 
 
 @pytest.mark.parametrize("key,value,fragments", LATE_CHECKS, ids=[_id(c) for c in LATE_CHECKS])
@@ -374,8 +415,8 @@ CHECK_CASES = [  # (id, params text or change, the one error line)
     ("string", ("datasets", "shapes"),
      "error: params: datasets = 'shapes': expected a non-empty list of distinct values from eurosat, dtd, "
      "caltech101, oxford_pets, oxford_flowers, food101, fgvc_aircraft, ucf101, shapes"),
-    ("empty", "", "error: params: the file is empty; expected the groups datasets, methods, data, model, quant, lora, "
-                  "train, eval, runtime, profile, scale (copy them from the study's params.yaml)"),
+    ("empty", "", "error: params: the file is empty; expected the groups datasets, methods, data, own_datasets, "
+                  "model, quant, lora, train, eval, runtime, profile, scale (copy them from the study's params.yaml)"),
     # a group no training stage reads still fails the check (DVC would delete scale@*'s outputs for it)
     ("scale", ("scale.gpu_gib", [16, 8]), "error: params: scale.gpu_gib = [16, 8]: expected a non-empty increasing "
                                           "list of GPU sizes in GiB, e.g. [8, 16, 24]"),

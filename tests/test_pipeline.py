@@ -13,7 +13,10 @@ clip_qlora.runtime.warm); the stages
 run later are cold: 1 for `dvc repro quantize@nf4` with quant.expand_absmax off (a setting that leaves the
 stored tensors alone must still reach the qlora side, through the method pointers), 1 for `dvc exp run -S
 quant.blocksize=128 quantize@nf4` (the real NF4 rebuild; what each makes stale is read from `dvc status`),
-and 2 run by hand (evaluate and train), which must write what the warm run wrote. What a lora.r, quant.* or runtime.* change reruns is also checked as DVC plans it
+and 2 run by hand (evaluate and train), which must write what the warm run wrote.
+The run has two datasets: the demo's generated `shapes` and a dataset of the user's own, `textile`
+(conformal-clip-data's 2,000 real JPEGs copied under data.root as a user lays out theirs, declared in params'
+own_datasets with a test_fraction that keeps its test split near 200 images): 9 more stage processes. What a lora.r, quant.* or runtime.* change reruns is also checked as DVC plans it
 (`dvc status --json`, `dvc repro --dry --force-downstream`). PIPELINE_TEST_FULL=1 adds the real reruns
 (the rest of the quant.* rerun and `dvc exp run -S lora.r=8`: 20 more stage processes, ~4 more minutes).
 
@@ -35,6 +38,7 @@ import yaml
 from clip_qlora.core.backends import METHODS as METHOD_TABLE
 from tools.demo import merge  # how `make demo` lays configs/demo.yaml over params.yaml
 from clip_qlora.runtime.warm import SERVED_STAGES
+from conformal_clip_data import textile_simulated_root  # real JPEGs no one here made (pyproject's test extra)
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +50,9 @@ METHODS = list(METHOD_TABLE)
 LORA_SIDE = [m for m, s in METHOD_TABLE.items() if s.base == "bf16"]
 QLORA_SIDE = [m for m, s in METHOD_TABLE.items() if s.base == "nf4"]
 DATASET = "shapes"
+OWN = "textile"  # a dataset of the user's own: real images, declared in params.yaml
+DATASETS = [DATASET, OWN]
+OWN_ENTRY = {"folder": "textile", "template": "a photo of a {} textile.", "test_fraction": 0.1, "classnames": None}
 SEED = 1
 BATCHES = ["2x2", "4x1"]
 SCALE_ARCH = "clip-tiny"
@@ -53,6 +60,8 @@ SCALE_ARCH = "clip-tiny"
 # On top of configs/demo.yaml: keep every code path (4 methods, both towers, accumulation in the profile),
 # make the work inside each stage negligible.
 SPEED = {
+    "datasets": DATASETS,
+    "own_datasets": {OWN: OWN_ENTRY},
     "data": {"seeds": [SEED], "shots": 1},
     "train": {"iterations_per_shot": 1, "batch_size": 4},
     "eval": {"batch_size": 256},
@@ -63,18 +72,21 @@ SPEED = {
 }
 
 ZEROSHOT = {"zeroshot@bf16", "zeroshot@nf4"}  # once per base, not per method
-ALL_STAGES = {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4", "aggregate", *ZEROSHOT,
-              *(f"train@{m}-{DATASET}" for m in METHODS), *(f"evaluate@{m}-{DATASET}" for m in METHODS),
+PREPARE = {f"prepare@{d}" for d in DATASETS}
+ALL_STAGES = {*PREPARE, "quantize@bf16", "quantize@nf4", "aggregate", *ZEROSHOT,
+              *(f"train@{m}-{d}" for m in METHODS for d in DATASETS),
+              *(f"evaluate@{m}-{d}" for m in METHODS for d in DATASETS),
               *(f"profile@{m}" for m in METHODS), f"scale@{SCALE_ARCH}", "scale_report"}
 # what a change of quant.* must rerun: the NF4 base and everything downstream of the qlora pointers, and
 # the scale study (it builds its NF4 bases itself, from quant.*)
 SCALE_SIDE = {f"scale@{SCALE_ARCH}", "scale_report"}
-BLOCKSIZE_RERUN = {"quantize@nf4", "zeroshot@nf4", "aggregate", *(f"train@{m}-{DATASET}" for m in QLORA_SIDE),
-                   *(f"evaluate@{m}-{DATASET}" for m in QLORA_SIDE), *(f"profile@{m}" for m in QLORA_SIDE),
+BLOCKSIZE_RERUN = {"quantize@nf4", "zeroshot@nf4", "aggregate",
+                   *(f"train@{m}-{d}" for m in QLORA_SIDE for d in DATASETS),
+                   *(f"evaluate@{m}-{d}" for m in QLORA_SIDE for d in DATASETS), *(f"profile@{m}" for m in QLORA_SIDE),
                    *SCALE_SIDE}
 # what a change of lora.* must rerun: every method's train, evaluate, profile, aggregate, and the scale study;
 # not the bases' zero-shot (no adapters)
-LORA_RERUN = ALL_STAGES - {f"prepare@{DATASET}", "quantize@bf16", "quantize@nf4", *ZEROSHOT}
+LORA_RERUN = ALL_STAGES - {*PREPARE, "quantize@bf16", "quantize@nf4", *ZEROSHOT}
 # result-neutral knobs, each changed: the profile and the scale study measure the first four; no stage lists
 # the last two
 RUNTIME = {"runtime.cuda_graph": False, "runtime.cublas_workspace_kib": 0, "runtime.overlap_text": False,
@@ -176,6 +188,8 @@ def make_repo(dest: Path) -> Repo:
     params = merge(yaml.safe_load((PROJECT / "params.yaml").read_text()),
                    yaml.safe_load((PROJECT / "configs" / "demo.yaml").read_text()))
     (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, SPEED), sort_keys=False))
+    # the user's own images, laid out as the README's "Your own data" says: one folder per class under data.root
+    shutil.copytree(textile_simulated_root(), dest / params["data"]["root"] / OWN_ENTRY["folder"])
     repo = Repo(dest)
     repo.git("init", "-q")
     repo.dvc("init", "-q")
@@ -387,7 +401,7 @@ def test_zeroshot_metrics_once_per_base(pipeline, base):
     """Zero-shot is the zeroshot stage's, per base: not in any evaluate stage's metrics."""
     root = pipeline["repo"].root
     z = read(root, f"metrics/zeroshot/{base}.json")
-    assert z["base"] == base and list(z["datasets"]) == [DATASET] and z["pretrained"] is False
+    assert z["base"] == base and list(z["datasets"]) == DATASETS and z["pretrained"] is False
     d = z["datasets"][DATASET]
     assert set(d["zero_shot"]) == {"clip", "coop"} and d["zero_shot_accuracy"] == d["zero_shot"]["clip"]
     assert d["n_test"] == read(root, f"metrics/eval/lora/{DATASET}.json")["n_test"]
@@ -468,6 +482,42 @@ def test_plots_show(pipeline):
                  f"plots/confusion_best/{DATASET}.json", *(f"plots/confusion/{m}/{DATASET}.json" for m in METHODS),
                  "plots/scale/memory/2x1.json", "plots/scale/step_time/2x1.json"):
         assert name in names, (name, sorted(names))
+
+
+def test_own_dataset_of_real_images(pipeline):
+    """The textile images through prepare, train, evaluate, zeroshot and aggregate as a declared own dataset: the
+    split as the README and params.yaml document it, every listed image decodes, the report names the dataset."""
+    import hashlib
+
+    from clip_qlora.data.decode import open_rgb
+
+    root = pipeline["repo"].root
+    data = root / "data" / "raw" / OWN_ENTRY["folder"]
+    split = read(root, f"data/splits/{OWN}.json")
+    assert split["dataset"] == OWN and split["classnames"] == ["global", "local", "nominal"]
+    assert split["template"] == "a photo of a {}." and "2000 images, 3 classes" in split["source"]
+    for label, cls in enumerate(split["classnames"]):
+        files = sorted(f"{cls}/{f.name}" for f in (data / cls).iterdir())
+        # the documented rule (params.yaml, README): a test image when SHA-256(salt, NUL, path) / 2^64 < fraction
+        expected = [f"{OWN_ENTRY['folder']}/{rel}" for rel in files if int.from_bytes(hashlib.sha256(
+            f"clip-qlora own-dataset partition\0{rel}".encode()).digest()[:8], "big") / 2**64
+            < OWN_ENTRY["test_fraction"]]
+        assert sorted(p for p, lab in split["test"] if lab == label) == expected
+        assert len(files) == {"nominal": 1000}.get(cls, 500)  # the whole class folder was read
+    assert [lab for _, lab in split["train"][str(SEED)]] == [0, 1, 2]  # 1 shot per class
+    listed = [p for p, _ in split["test"]] + [p for p, _ in split["train"][str(SEED)]]
+    for path in listed:
+        assert open_rgb(root / "data" / "raw" / path).size == (250, 250)
+    for m in METHODS:
+        e = read(root, f"metrics/eval/{m}/{OWN}.json")
+        assert e["dataset"] == OWN and e["n_test"] == len(split["test"])
+    for base in ("bf16", "nf4"):
+        z = read(root, f"metrics/zeroshot/{base}.json")["datasets"][OWN]
+        assert set(z["zero_shot"]) == {"clip", "coop"} and z["n_test"] == len(split["test"])
+    report = (root / "reports" / "results.md").read_text()
+    assert f"| {OWN} |" in report and f"Dataset of your own ({OWN})" in report
+    assert "None of these datasets is one of the paper's 8" in report  # shapes is not the paper's either
+    assert read(root, "metrics/summary.json")["datasets"] == ",".join(DATASETS)
 
 
 # ---- second repro ----------------------------------------------------------------------------------------
@@ -579,7 +629,7 @@ def test_expand_absmax_reruns_only_the_qlora_side(expand_absmax, good):
 # ---- lora.r 2 -> 4: train, evaluate, profile, aggregate; never prepare or quantize -----------------------
 
 def test_lora_r_reruns_train_evaluate_profile_aggregate(lora_r):
-    direct = {*(f"train@{m}-{DATASET}" for m in METHODS), *(f"profile@{m}" for m in METHODS),
+    direct = {*(f"train@{m}-{d}" for m in METHODS for d in DATASETS), *(f"profile@{m}" for m in METHODS),
               f"scale@{SCALE_ARCH}"}
     assert set(lora_r["status"]) == direct, lora_r["status"]
     assert lora_r["dry"] == LORA_RERUN, lora_r["dry_text"]

@@ -37,6 +37,11 @@ SAVED = {"lora": 2_000_000_000, "lora_gc": 500_000_000, "qlora": 2_100_000_000, 
 PEAK = {"lora": 760_000_000, "lora_gc": 400_000_000, "qlora": 1_090_000_000, "qlora_gc": 270_000_000}
 BATCHES = {"b4x8": 1.0, "b32x1": 5.0}  # multiplier of the peaks / saved activations per config
 CLASSES = {"eurosat": ["Forest", "River", "Highway"], "dtd": ["banded", "woven"]}
+# a dataset of the user's own (params' own_datasets): not built in, not among the paper's 8
+OWN = "textile"
+ACC.update({(m, OWN): [70.0 + i, 72.0] for i, m in enumerate(METHODS)})
+ZERO_SHOT[OWN] = 30.0
+CLASSES[OWN] = ["nominal", "local", "global"]
 
 
 def _mean(xs):
@@ -160,7 +165,7 @@ def test_summary_values_exact(cpu_run):
         assert b["accuracy_mean"] == acc[m]
         assert b["accuracy_std"] == _mean([_std(ACC[m, d]) for d in DATASETS])
         assert b["accuracy"] == {d: _mean(ACC[m, d]) for d in DATASETS}
-        assert b["zero_shot_mean"] == _mean(list(ZERO_SHOT.values()))
+        assert b["zero_shot_mean"] == _mean([ZERO_SHOT[d] for d in DATASETS])
         assert b["stored_base_bytes"] == STATIC[_base(m)]
         assert b["device_base_bytes"] == DEVICE[_base(m)]
         assert b["train_seconds"] == _mean([TRAIN_S[m], TRAIN_S[m] + 10.0])
@@ -367,7 +372,7 @@ def test_zero_shot_read_once_per_base_one_column_per_base_when_they_differ(tmp_p
     assert first[1:5] == [f"{z0:.2f}", f"{z0 + COOP_GAIN:.2f}", f"{z0 - 1:.2f}", f"{z0 - 2:.2f}"]
     for m in METHODS:
         shift = 1.0 if METHOD_TABLE[m].base == "nf4" else 0.0
-        assert s[m]["zero_shot_mean"] == pytest.approx(_mean(list(ZERO_SHOT.values())) - shift)
+        assert s[m]["zero_shot_mean"] == pytest.approx(_mean([ZERO_SHOT[d] for d in DATASETS]) - shift)
 
 
 def test_zero_shot_file_without_a_dataset_names_it(tmp_path):
@@ -537,3 +542,38 @@ def test_memory_bars_of_a_small_model_read_apart(tmp_path, monkeypatch):
     figures.memory_figure(tmp_path / "b.png", methods=["lora"], measures=["static"],
                           values={"lora": {"static": 3 * 2**30}}, device="cpu", pretrained=True)
     assert drawn[1].axes[0].get_ylabel() == "memory (GiB)" and drawn[1].axes[0].texts[0].get_text() == "3"
+
+
+def _table(md: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The accuracy table: its header cells and each row's cells by dataset."""
+    lines = md[md.index("| dataset"):].split("\n\n")[0].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], {row[0]: row for row in cells[2:]}
+
+
+def test_the_report_for_a_dataset_of_your_own(tmp_path):
+    """Means over the datasets that ran; the quoted paper values only beside the paper's datasets, and said so;
+    the CoOp zero-shot column names the declared template it holds for an own dataset."""
+    datasets = ["eurosat", OWN]
+    make_inputs(tmp_path / "mixed", datasets=datasets)
+    s, out = run(tmp_path / "mixed", datasets=datasets)
+    for m in METHODS:
+        assert s[m]["accuracy_mean"] == _mean([_mean(ACC[m, d]) for d in datasets])
+    md = (tmp_path / "mixed" / "reports" / "results.md").read_text()
+    header, rows = _table(md)
+    assert "zero-shot, CoOp templates, as the paper's zero-shot row (own datasets: their declared template)" in header
+    assert header[-2:] == ["CLIP-LoRA paper (quoted, not measured here)", "QLoRA+GC study s1 (quoted, not measured here)"]
+    assert rows["eurosat"][-2:] == ["84.9", "87.90"] and rows[OWN][-2:] == ["—", "—"]
+    assert rows["**mean**"][-2:] == ["—", "—"]
+    assert rows[OWN][2] == f"{ZERO_SHOT[OWN] + COOP_GAIN:.2f}"
+    assert "The quoted columns have no value for textile (not among the paper's 8 datasets), hence no mean row." in md
+    assert "Dataset of your own (textile)" in md and "### Reference rows" in md
+
+    make_inputs(tmp_path / "alone", datasets=[OWN])
+    run(tmp_path / "alone", datasets=[OWN])
+    md = (tmp_path / "alone" / "reports" / "results.md").read_text()
+    header, rows = _table(md)
+    assert not any("quoted" in h for h in header) and len(rows[OWN]) == len(header) == 1 + 2 + len(METHODS)
+    assert "None of these datasets is one of the paper's 8 (EuroSAT, DTD, Caltech, Pets, Flowers, Food, " \
+           "Aircraft, UCF), so no published accuracy is quoted beside them." in md
+    assert "### Reference rows" not in md and "84.9" not in md

@@ -36,8 +36,16 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:
-    return set().union(*((_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"})
+    # an empty group (own_datasets: {}) is a key too: a params file without it fails every stage
+    return set().union(*((_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"})
                          for k, v in d.items())) if d else set()
+
+
+def missing_keys(params: dict, kept) -> list[str]:
+    """The dotted keys of `params` that `kept` (a user's params file) lacks; a group that is empty in `params`
+    (own_datasets: {}) is there when `kept` has it, filled or not."""
+    have = _keys(kept if isinstance(kept, dict) else {})
+    return sorted(k for k in _keys(params) if k not in have and not any(h.startswith(f"{k}.") for h in have))
 
 
 def prepare_dir(project: Path, dest: Path, overrides: Path, keep_params: bool = False) -> None:
@@ -60,7 +68,7 @@ def prepare_dir(project: Path, dest: Path, overrides: Path, keep_params: bool = 
         except yaml.YAMLError as e:
             raise UserError(f"{target}: not valid YAML ({str(e).splitlines()[0]}): fix it, or start afresh "
                             "with `make clean-demo`") from None
-        missing = sorted(_keys(params) - _keys(kept if isinstance(kept, dict) else {}))
+        missing = missing_keys(params, kept)
         if missing:
             raise UserError(f"{target} lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}, which "
                             "the project's params.yaml has: add them, or start afresh with `make clean-demo`")

@@ -11,7 +11,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -46,6 +46,15 @@ class Data:
     download: bool
     template: str
     split_draw: str
+
+
+@dataclass
+class OwnDataset:
+    """One entry of own_datasets: a dataset of the user's own (clip_qlora/data/folder.py reads it)."""
+    folder: str
+    template: str
+    test_fraction: float
+    classnames: Any  # None, or a file in the dataset folder
 
 
 @dataclass
@@ -135,6 +144,7 @@ class Params:
     datasets: list
     methods: list
     data: Data
+    own_datasets: dict  # name -> OwnDataset
     model: Model
     quant: Quant
     lora: Lora
@@ -224,7 +234,8 @@ def validate(p: Params) -> Params:
     from clip_qlora.core.backends import METHODS  # the table only: backend modules (bitsandbytes) are imported on use
     from clip_qlora.data.registry import DATASETS
 
-    _subset("datasets", p.datasets, tuple(DATASETS))
+    p.own_datasets = _own_datasets(p.own_datasets, DATASETS)
+    _subset("datasets", p.datasets, (*DATASETS, *p.own_datasets))
     _subset("methods", p.methods, tuple(METHODS))
     d = p.data
     if not isinstance(d.root, str) or not d.root:
@@ -310,6 +321,56 @@ def validate(p: Params) -> Params:
     _int("profile.steps", pr.steps)
     _validate_scale(p.scale, lo.layers if lo.layers != "all" else None, lo.towers)
     return p
+
+
+OWN_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a stage name part (prepare@<name>) and a file name (<name>.json)
+
+
+def _relative(key: str, v, what: str) -> str:
+    from clip_qlora.data.layouts import escapes
+
+    # "." would make data.root itself the dataset, every other dataset's folder one of its classes
+    if not isinstance(v, str) or not PurePosixPath(v.strip()).parts or escapes(v):
+        raise _bad(key, v, f"{what}, a relative path without '..'")
+    return v
+
+
+def _own_datasets(raw, builtin) -> dict[str, OwnDataset]:
+    """own_datasets: name -> {folder, template, test_fraction, classnames}; null or {} = none."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad("own_datasets", raw, "a mapping of dataset name -> {folder, template, test_fraction, classnames} "
+                                        "({} for none)")
+    out = {}
+    for name, entry in raw.items():
+        key = f"own_datasets.{name}"
+        if not isinstance(name, str) or not OWN_NAME.fullmatch(name):
+            raise _bad("own_datasets", name, "dataset names of lower-case letters, digits and underscores, starting "
+                                             "with a letter")
+        if name in builtin:
+            raise UserError(f"params: {key}: {name!r} is a built-in dataset; give your own dataset another name")
+        e = entry if isinstance(entry, OwnDataset) else _build(OwnDataset, entry, key)
+        _relative(f"{key}.folder", e.folder, "a folder under data.root")
+        try:
+            ok = isinstance(e.template, str) and "{}" in e.template and e.template.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _bad(f"{key}.template", e.template, "a prompt with one {} where the class name goes, e.g. "
+                                                      "'a photo of a {}.'")
+        if (isinstance(e.test_fraction, bool) or not isinstance(e.test_fraction, (int, float))
+                or not 0 < e.test_fraction < 1):
+            raise _bad(f"{key}.test_fraction", e.test_fraction, "a number between 0 and 1 (the share of each "
+                                                                "class's images held out for testing)")
+        # at the top of the dataset folder: in a subfolder it would sit in a class folder
+        if e.classnames is not None and (not isinstance(e.classnames, str) or not e.classnames.strip()
+                                         or "/" in e.classnames or "\\" in e.classnames
+                                         or e.classnames in (".", "..")):
+            raise _bad(f"{key}.classnames", e.classnames, "null or the name of a file at the top of the dataset "
+                                                          "folder")
+        out[name] = e
+    return out
 
 
 def _validate_scale(sc: Scale, layers: list | None, towers: list) -> None:

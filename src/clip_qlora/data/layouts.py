@@ -62,10 +62,12 @@ def read_coop(spec: DatasetSpec, root: Path) -> Partition:
                 raise UserError(f"{path}: {part} entry {entry!r} is not [image_path, label, classname]")
             rel, label, name = entry
             if escapes(rel):
-                raise UserError(f"{path}: image path {rel!r} leaves {spec.image_dir}/ (absolute or containing '..')")
+                raise UserError(f"{path}: image path {rel!r} leaves {spec.image_dir or spec.folder}/ (absolute or "
+                                f"containing '..')")
             if names.setdefault(label, name) != name:
                 raise UserError(f"{path}: label {label} is used for both {names[label]!r} and {name!r}")
-            rows.append((f"{spec.folder}/{spec.image_dir}/{PurePosixPath(rel).as_posix()}", label))
+            # an own dataset's image folder is the dataset folder itself (image_dir "")
+            rows.append((PurePosixPath(spec.folder, spec.image_dir, rel).as_posix(), label))
         parts[part] = rows
     # A file made by our torchvision fetcher or the synthetic generator says so; CoOp's own files do not
     source = data.get("source") if isinstance(data.get("source"), str) else spec.split_file

@@ -12,6 +12,7 @@ from pathlib import Path
 from clip_qlora.runtime.io import UserError, atomic_dir, read_json, write_json
 from clip_qlora.data.decode import open_rgb
 from clip_qlora.data.draw import DRAWS, describe, draw_clip_lora, draw_shots
+from clip_qlora.data.folder import own_spec
 from clip_qlora.data.layouts import escapes
 from clip_qlora.data.registry import CLIP_TEMPLATE, DATASETS, DatasetSpec
 
@@ -66,10 +67,13 @@ def _exact_draw(part, shots: int, seed: int, root: Path, dataset: str) -> tuple[
 
 
 def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], download: bool, template: str,
-                  draw: str = "clip_lora") -> dict:
-    """Read (fetching or generating it first if allowed) `dataset` under `root` and draw `shots` per class per seed."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+                  draw: str = "clip_lora", own: dict | None = None) -> dict:
+    """Read (fetching or generating it first if allowed) `dataset` under `root` and draw `shots` per class per seed.
+
+    `own`: params' own_datasets (name -> entry), the datasets of the user's own besides the built-in ones."""
+    own = own or {}
+    if dataset not in DATASETS and dataset not in own:
+        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join([*DATASETS, *own])}")
     if template not in ("clip", "coop"):
         raise UserError(f"template must be 'clip' or 'coop', got {template!r}")
     if draw not in DRAWS:
@@ -79,8 +83,11 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
     if not seeds or any(type(s) is not int for s in seeds) or len(set(seeds)) != len(seeds):
         raise UserError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
     root = Path(root)
-    spec = DATASETS[dataset]
-    _ensure_folder(dataset, spec, root, download)
+    if dataset in DATASETS:
+        spec = DATASETS[dataset]
+        _ensure_folder(dataset, spec, root, download)
+    else:
+        spec = own_spec(dataset, own[dataset], root, shots)
     part = spec.partition(root)
     train, replacement = {}, {}
     for seed in seeds:
@@ -102,8 +109,10 @@ def prepare_split(dataset: str, root: Path, shots: int, seeds: list[int], downlo
         "train": train,
         "replacement": replacement,  # per seed, the classes with fewer than `shots` images (drawn with replacement)
     }
-    validate(split, root, str(root / spec.folder / spec.split_file))  # every listed file exists
-    _check_test_images(root, part.test, root / spec.folder / spec.split_file)
+    listed_in = root / spec.folder / spec.split_file  # an own dataset partitioned here: its folder
+    validate(split, root, str(listed_in))  # every listed file exists
+    _check_test_images(root, part.test, f"remove it from the test list of {listed_in}" if spec.split_file else
+                       f"delete it from {listed_in}", dataset)
     return split
 
 
@@ -116,22 +125,48 @@ def _warn_replacement(dataset: str, shots: int, replacement: dict[str, list[str]
                     dataset, len(classes), shots, shown)
 
 
-def _check_test_images(root: Path, test: list[tuple[str, int]], listed_in: Path) -> None:
+def _check_test_images(root: Path, test: list[tuple[str, int]], fix: str, dataset: str) -> None:
     """Every test image must open (PIL reads the header, and a PNG's chunk checksums): a damaged one found here
-    stops prepare, not evaluation after all the training. The pixels are decoded only when evaluated."""
+    stops prepare, not evaluation after all the training. The pixels are decoded only when evaluated.
+
+    An image larger than PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS, 179 M pixels) counts as
+    damaged: every decoding path (PIL, or the fast path, whose test images all passed here) sees only images
+    below it. EXIF orientation is counted, not applied: both decoding paths use the pixels as stored, as
+    CLIP-LoRA's loader and torchvision's ImageFolder do."""
     from PIL import Image  # here, not at the top: checking params imports the data layer and needs no PIL
 
-    bad = []
+    bad, turned = [], 0
     for path, _ in test:
         try:
             with Image.open(root / path) as image:
+                turned += exif_orientation(image) != 1
                 image.verify()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             bad.append((root / path, e))
     if bad:
         (first, why), more = bad[0], len(bad) - 1
         raise UserError(f"{first}: test image cannot be opened ({why})" + (f", and {more} more" if more else "")
-                        + f"; replace it (or remove it from the test list of {listed_in}) and rerun prepare")
+                        + f"; replace it (or {fix}) and rerun prepare")
+    if turned:
+        log.warning("%s: %d test image%s an EXIF orientation tag that asks for a rotation or flip; as CLIP-LoRA "
+                    "and torchvision's ImageFolder do, the pixels are used as stored, not turned (rotate the files "
+                    "themselves if their content lies on its side)", dataset, turned,
+                    " carries" if turned == 1 else "s carry")
+
+
+def exif_orientation(image) -> int:
+    """The EXIF orientation tag of an opened image (1, upright, when absent), read without decoding pixels."""
+    from PIL import Image
+
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(raw)
+    except (OSError, ValueError, SyntaxError):  # a damaged EXIF block: the pixels may still be fine
+        return 1
+    return exif.get(0x0112, 1)
 
 
 def write_split(path: Path, split: dict) -> None:
@@ -146,9 +181,11 @@ def class_prompts(split: dict) -> list[str]:
     return [split["template"].format(name) for name in split["classnames"]]
 
 
-def zero_shot_templates(dataset: str) -> dict[str, str]:
-    """The two prompt sets the zero-shot row is reported with, by data.template name."""
-    return {"clip": CLIP_TEMPLATE, "coop": DATASETS[dataset].coop_template}
+def zero_shot_templates(dataset: str, own: dict) -> dict[str, str]:
+    """The two prompt sets the zero-shot row is reported with, by data.template name: an own dataset's declared
+    template takes the place of CoOp's (the report says so)."""
+    return {"clip": CLIP_TEMPLATE, "coop": DATASETS[dataset].coop_template if dataset in DATASETS
+            else own[dataset].template}
 
 
 def _is_label(x) -> bool:

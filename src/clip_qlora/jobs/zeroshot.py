@@ -24,9 +24,11 @@ def metrics_path(base: str) -> Path:
     return Path("metrics/zeroshot") / f"{base}.json"
 
 
-def zeroshot_base(base: str, datasets: list[str], *, data, eval, train, runtime, device: str) -> dict:
-    """The zeroshot stage: metrics/zeroshot/<base>.json. data: root and template; eval: the eval group;
-    train: logit_scale only; runtime: eval_workers only; device: model.device."""
+def zeroshot_base(base: str, datasets: list[str], *, data, own_datasets: dict, eval, train, runtime,
+                  device: str) -> dict:
+    """The zeroshot stage: metrics/zeroshot/<base>.json. data: root and template; own_datasets: the declared
+    datasets (their templates); eval: the eval group; train: logit_scale only; runtime: eval_workers only;
+    device: model.device."""
     device = resolve_device(device)
     root = Path(data.root)
     splits = {d: load_split(split_path(d), root) for d in datasets}  # every split checked before the model
@@ -40,7 +42,7 @@ def zeroshot_base(base: str, datasets: list[str], *, data, eval, train, runtime,
         # both prompt sets: CLIP-LoRA trains with "a photo of a {}.", its paper's zero-shot row used CoOp's
         # per-dataset templates
         prompt_sets = {name: [template.format(c) for c in split["classnames"]]
-                       for name, template in zero_shot_templates(dataset).items()}
+                       for name, template in zero_shot_templates(dataset, own_datasets).items()}
         r = zero_shot(model, meta, prompt_sets, make_batches, device, train.logit_scale)
         # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
         per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][data.template], "zero_shot": r["zero_shot"],

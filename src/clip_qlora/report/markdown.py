@@ -122,6 +122,19 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 PROMPT_SETS = {"clip": "'a photo of a {}.'", "coop": "CoOp templates, as the paper's zero-shot row"}
+OWN_TEMPLATE = "own datasets: their declared template"  # in the coop column (data/splits.py zero_shot_templates)
+
+
+def own_datasets(inp: Inputs) -> list[str]:
+    """The datasets of the run that are not built in (params' own_datasets)."""
+    from clip_qlora.data.registry import DATASETS
+
+    return [d for d in inp.datasets if d not in DATASETS]
+
+
+def paper_datasets(inp: Inputs) -> list[str]:
+    """The datasets of the run that the paper's rows quote (its 8)."""
+    return [d for d in inp.datasets if reference_column(d)]
 
 
 def _prompt_sets(inp: Inputs, base: str) -> list[str]:
@@ -136,17 +149,20 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
     Zero-shot is shown with each prompt set the evaluation measured: CLIP-LoRA trains and evaluates with
     "a photo of a {}.", while the zero-shot numbers of its paper used CoOp's per-dataset templates."""
     zs_cols = []  # (title, base supplying it, prompt set or None for the training template's value)
+    own = own_datasets(inp)
     for title, src in zero_shot_columns(inp):
         sets = _prompt_sets(inp, src)
-        zs_cols += [(f"{title}, {PROMPT_SETS[k]}", src, k) for k in sets] or [(title, src, None)]
+        zs_cols += [(f"{title}, {PROMPT_SETS[k]}" + (f" ({OWN_TEMPLATE})" if k == "coop" and own else ""), src, k)
+                    for k in sets] or [(title, src, None)]
 
     def zero_shot(base, d, k):
         e = inp.zeroshot[base, d]
         return e.get("zero_shot_accuracy") if k is None else e["zero_shot"][k]
 
     refs = [reference_column(d) for d in inp.datasets]
+    quoted = REFERENCE_ROWS if any(refs) else []  # no quoted columns beside datasets the paper never ran
     header = ["dataset", *(t for t, _, _ in zs_cols), *(f"{label(m)} (`{m}`)" for m in inp.methods),
-              *(f"{s} (quoted, not measured here)" for s in REFERENCE_SHORT)]
+              *(f"{s} (quoted, not measured here)" for s in REFERENCE_SHORT[:len(quoted)])]
     rows = []
     for d, ref in zip(inp.datasets, refs):
         row = [d]
@@ -156,7 +172,7 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
         for m in inp.methods:
             e = inp.eval[m, d]
             row.append(acc(e["accuracy_mean"], e.get("accuracy_std")))
-        for _, values in REFERENCE_ROWS:
+        for _, values in quoted:
             row.append(values[REFERENCE_COLUMNS.index(ref)] if ref else "—")
         rows.append(row)
     mean_row = ["**mean**"]
@@ -167,7 +183,7 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
     for m in inp.methods:
         mean_row.append(f"**{acc(raw[m]['accuracy_mean'], raw[m]['accuracy_std'])}**")
     matched = [r for r in refs if r]
-    for _, values in REFERENCE_ROWS:
+    for _, values in quoted:
         if len(matched) == len(refs):
             vals = [float(values[REFERENCE_COLUMNS.index(r)]) for r in matched]
             mean_row.append(f"{sum(vals) / len(vals):.2f}¹")
@@ -239,14 +255,24 @@ def header_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
 def accuracy_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     pre = raw["pretrained"]
     header, rows = accuracy_rows(inp, raw)
+    paper, own = paper_datasets(inp), own_datasets(inp)
     lines = [f"## Accuracy{_demo(raw)}", "",
              f"Top-1 accuracy (%) on the full test split, mean ± std over {n_seeds_text(inp.n_seeds)}"
-             f"{' (random-init weights: not a result)' if not pre else ''}. The last two columns are "
-             "**quoted, not measured here** (the reference rows of the repository's `docs/protocol.md`).", "",
+             f"{' (random-init weights: not a result)' if not pre else ''}; the means are over the datasets above."
+             + (" The last two columns are **quoted, not measured here** (the reference rows of the repository's "
+                "`docs/protocol.md`), for the paper's 8 datasets only." if paper else ""), "",
              md_table(header, rows), ""]
+    if own:
+        lines += [f"Dataset{'s' if len(own) > 1 else ''} of your own ({', '.join(own)}): the zero-shot column of "
+                  "CoOp's templates holds the declared template's accuracy instead.", ""]
+    if not paper:
+        return lines + [f"None of these datasets is one of the paper's 8 ({', '.join(REFERENCE_COLUMNS[:-1])}), so "
+                        "no published accuracy is quoted beside them.", ""]
+    others = [d for d in inp.datasets if d not in paper]
     lines += ["¹ Mean of the quoted per-dataset values over the datasets above, computed here from the quoted "
-              "numbers." if all(reference_column(d) for d in inp.datasets) else
-              "The quoted columns have no mean row because not every dataset has a reference value.", ""]
+              "numbers." if not others else
+              f"The quoted columns have no value for {', '.join(others)} (not among the paper's 8 datasets), "
+              "hence no mean row.", ""]
     return lines + ["### Reference rows (quoted, not measured here)", "",
                     "ViT-B/16, 4 shots, top-1 %, as listed in `docs/protocol.md` (the paper row is marked there "
                     "'verify before quoting'; it was not re-verified by this stage).", "",
