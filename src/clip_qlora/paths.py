@@ -1,15 +1,11 @@
-"""What each DVC stage does, in terms of files: one module per stage (quantize, train, evaluate, profile).
-
-This package holds the file layout they share. Paths are relative to the working folder (the DVC project
-root): every output is declared in dvc.yaml; checkpoints live in .ckpt/ (not an output) so they survive
-`dvc repro` clearing outputs. One module per stage, so that each stage's import closure (its code deps in
-dvc.yaml) is the code it runs and no other stage's.
-"""
+"""Where the stages' files live (metrics files: clip_qlora.metrics). Paths are relative to the working folder
+(the DVC project root): every output is declared in dvc.yaml; checkpoints live in .ckpt/ (not an output) so
+they survive `dvc repro` clearing outputs."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from clip_qlora.runtime.io import device_name, read_json, versions
+from clip_qlora.runtime.io import device_name, versions
 
 
 def split_path(dataset: str) -> Path:
@@ -38,8 +34,10 @@ def checkpoint_path(method: str, dataset: str, seed) -> Path:
 
 
 def base_of(method: str) -> Path:
-    pointer = read_json(method_pointer(method))
-    return Path(pointer["dir"])
+    """The saved base a method trains on, from the method table (its pointer file is what DVC tracks)."""
+    from clip_qlora.core.backends import METHODS  # the table only: imports no torch
+
+    return base_dir(METHODS[method].base)
 
 
 def common(device: str, meta: dict) -> dict:
