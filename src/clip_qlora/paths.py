@@ -1,7 +1,7 @@
 """What each DVC stage does, in terms of files: one module per stage (quantize, train, evaluate, profile).
 
-This package holds the file layout they share. Paths are relative to the working folder (the DVC project
-root): every output is declared in dvc.yaml; checkpoints live in .ckpt/ (not an output) so they survive
+This package holds the file layout they share (the metrics files': clip_qlora.metrics). Paths are relative to
+the working folder (the DVC project root): every output is declared in dvc.yaml; checkpoints live in .ckpt/ (not an output) so they survive
 `dvc repro` clearing outputs. One module per stage, so that each stage's import closure (its code deps in
 dvc.yaml) is the code it runs and no other stage's.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clip_qlora.runtime.io import device_name, read_json, versions
+from clip_qlora.runtime.io import read_json
 
 
 def split_path(dataset: str) -> Path:
@@ -40,10 +40,3 @@ def checkpoint_path(method: str, dataset: str, seed) -> Path:
 def base_of(method: str) -> Path:
     pointer = read_json(method_pointer(method))
     return Path(pointer["dir"])
-
-
-def common(device: str, meta: dict) -> dict:
-    """What every metrics file records about the run that wrote it: real weights or not, the activation that
-    ran (from the base's meta), device, versions."""
-    return {"pretrained": bool(meta["is_pretrained"]), "activation": meta["activation"],
-            "device": device_name(device), "versions": versions()}
