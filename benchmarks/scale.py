@@ -232,6 +232,7 @@ def _renamed(record: dict) -> dict:
 
 def collect(args) -> int:
     from clip_qlora import config
+    from clip_qlora.metrics import Scale
     from clip_qlora.report import scale as scale_report
     from clip_qlora.runtime.io import UserError, write_json, write_text
 
@@ -249,7 +250,7 @@ def collect(args) -> int:
     for a in p.scale.archs:
         _check(records[a], p, f"{used[a]['_path']}: {a}")
     for a in p.scale.archs:
-        write_json(Path("metrics/scale") / f"{a}.json", records[a])
+        write_json(Scale.path(a), records[a])  # as measured: the report checks them on reading
     text = scale_report.report(p)  # reads the files just written, as `dvc repro scale_report` would
     gpus = sorted({records[a]["device"] for a in p.scale.archs})
     date = min(used[a]["date"] for a in p.scale.archs)

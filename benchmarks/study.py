@@ -176,9 +176,11 @@ ZEROSHOT_LINE = re.compile(r"zeroshot (\S+) (\S+): (\d+) test images, (\d+) pass
 
 def collect(result: dict, dest: Path, log: Path) -> None:
     """What the train and evaluate stages wrote so far (metrics, and evaluation times from the log)."""
+    from clip_qlora.metrics import Eval, Train, Zeroshot
+
     x = result["dataset"]
     for m in result["methods"]:
-        tr, ev = dest / "metrics/train" / m / f"{x}.json", dest / "metrics/eval" / m / f"{x}.json"
+        tr, ev = Train.path(m, x, root=dest), Eval.path(m, x, root=dest)
         if tr.exists():
             t = json.loads(tr.read_text())
             result.setdefault("train", {})[m] = {k: t.get(k) for k in (
@@ -195,7 +197,7 @@ def collect(result: dict, dest: Path, log: Path) -> None:
     for base, dataset, n, passes, seconds in ZEROSHOT_LINE.findall(log.read_text()) if log.exists() else []:
         if dataset != x:
             continue
-        zs = dest / "metrics/zeroshot" / f"{base}.json"
+        zs = Zeroshot.path(base, root=dest)
         result.setdefault("zeroshot", {})[base] = {
             "n_test": int(n), "passes": int(passes), "eval_seconds": float(seconds),
             "zero_shot": json.loads(zs.read_text())["datasets"][x]["zero_shot"] if zs.exists() else None}

@@ -12,5 +12,4 @@ def aggregate(params: Path = ParamsOpt, debug: bool = DebugOpt):
     from clip_qlora.report.aggregate import aggregate
 
     p = load_params(params, "aggregate", PARAMS)
-    aggregate(p.methods, p.datasets, Path("metrics"), Path("metrics/summary.json"), Path("reports/results.md"),
-              Path("plots/figures"))
+    aggregate(p.methods, p.datasets, Path("."), Path("reports/results.md"), Path("plots/figures"))

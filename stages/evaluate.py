@@ -23,4 +23,5 @@ def evaluate(method: str = MethodOpt, dataset: str = DatasetOpt, params: Path = 
     inputs.adapters(method, dataset, p.data.seeds)
     from clip_qlora.jobs.evaluate import evaluate_dataset  # torch: after params are checked
 
-    evaluate_dataset(method, dataset, data=p.data, eval=p.eval, train=p.train, runtime=p.runtime, device=p.model.device)
+    evaluate_dataset(method, dataset, data=p.data, eval=p.eval, train=p.train, runtime=p.runtime,
+                     device=p.model.device)

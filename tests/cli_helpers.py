@@ -151,7 +151,7 @@ def all_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def train_stage(p, method: str, dataset: str) -> dict:
+def train_stage(p, method: str, dataset: str):
     """The train stage's job with the groups its command passes (stages/train.py), in this process."""
     from clip_qlora.jobs.train import train_dataset
 

@@ -2,6 +2,8 @@
 zero-shot scored once, without PEFT. The evaluation input: the reference's pixels by default, JPEG-free batches."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -250,8 +252,10 @@ def test_the_fast_path_is_a_listed_deviation_and_the_default_is_not():
     from clip_qlora.report.inputs import Inputs
     from clip_qlora.report.markdown import protocol_section
 
-    inp = Inputs(["lora", "qlora"], ["dtd"], train={(m, "dtd"): {"protocol": record} for m in ("lora", "qlora")},
-                 eval={("lora", "dtd"): {"eval_decode": "reference"}, ("qlora", "dtd"): {"eval_decode": "fast"}})
+    inp = Inputs(["lora", "qlora"], ["dtd"],
+                 train={(m, "dtd"): SimpleNamespace(protocol=record) for m in ("lora", "qlora")},
+                 eval={("lora", "dtd"): SimpleNamespace(eval_decode="reference"),
+                       ("qlora", "dtd"): SimpleNamespace(eval_decode="fast")})
     text = "\n".join(protocol_section(inp, {}, {}))
     assert text.count(P.FAST_DECODE) == 1 and "Runs qlora/dtd:" in text
     with pytest.raises(UserError, match=r"eval\.decode.*reference, fast"):

@@ -196,7 +196,7 @@ def test_non_finite_loss_leaves_no_poisoned_checkpoint(trained_copy, monkeypatch
             assert not bad, f"{ckpt} (step {state['step']}) holds non-finite adapters: {bad[:2]}"
         # the cause is gone: the rerun must train normally
         m = train_stage(p, "lora", "shapes")
-    assert math.isfinite(m["per_seed"]["1"]["final_loss"])
+    assert math.isfinite(m.per_seed["1"].final_loss)
 
 
 # ---- atomic writes -----------------------------------------------------------------------------------------

@@ -422,6 +422,21 @@ def test_profile_metrics(pipeline, method):
             assert block["peak_allocated_bytes"] is None and block["peak_reserved_bytes"] is None
 
 
+def test_every_metrics_file_is_its_contract_byte_for_byte(pipeline):
+    """Each metrics file the stages wrote is where its contract (clip_qlora.metrics) places it, reads back
+    with every field checked, and writes back as the same bytes."""
+    from clip_qlora import metrics as M
+
+    root = pipeline["repo"].root
+    files = sorted((root / "metrics").rglob("*.json"))
+    for path in files:
+        rel = path.relative_to(root)
+        (contract,) = [c for c in M.FILES if c.ids_of(rel) is not None and c.path(*c.ids_of(rel)) == rel]
+        assert json.dumps(contract.read(path).to_dict(), indent=2) + "\n" == path.read_text(), rel
+    kinds = {path.relative_to(root / "metrics").parts[0] for path in files}
+    assert kinds == {"static", "train", "eval", "zeroshot", "profile", "scale", "summary.json"}
+
+
 def _leaves(obj, path=""):
     if isinstance(obj, dict):
         for k, v in obj.items():

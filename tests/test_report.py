@@ -16,6 +16,8 @@ from rich.console import Console
 from clip_qlora import config, protocol
 from clip_qlora.report import aggregate as report
 from clip_qlora.core.backends import METHODS as METHOD_TABLE
+from clip_qlora.metrics import (Common, Eval, Profile, ProfileBatch, Static, Train, TrainSeed, Zeroshot,
+                                ZeroshotDataset)
 from clip_qlora.runtime.io import UserError
 
 METHODS = list(METHOD_TABLE)
@@ -59,45 +61,45 @@ def _base(m):
 
 def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=True, gpu=False,
                 unpretrained_file: str | None = None):
-    """Write fake metrics/, dvclive/ and plots/confusion/ under `root` (CPU: allocator fields null)."""
+    """Write fake metrics/, dvclive/ and plots/confusion/ under `root` (CPU: allocator fields null), the
+    metrics files through their contracts, as the stages write them."""
     device = "NVIDIA H200" if gpu else "cpu (x86_64, 2 threads)"
-    ver = {"python": "3.11", "torch": "2.6"}
+
+    def common(path: Path) -> Common:
+        return Common(pretrained=pretrained and str(path) != unpretrained_file, activation="quick_gelu",
+                      device=device, versions={"python": "3.11", "torch": "2.6"})
 
     def w(rel, obj):
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        pre = pretrained and rel != unpretrained_file
-        if isinstance(obj, dict) and "pretrained" in obj:
-            obj = {**obj, "pretrained": pre}
         p.write_text(json.dumps(obj))
 
     for base in {_base(m) for m in methods}:
-        w(f"metrics/static/{base}.json", {
-            "base": base, "stored_base_bytes": STATIC[base],
-            "memory_allocated_bytes": STATIC[base] + 1_000_000 if gpu else None,
-            "arch": "ViT-B-16", "pretrained": True, "device": device,
-            "quant": {"type": "nf4", "double_quant": True, "blocksize": 64} if base == "nf4" else None,
-            "versions": ver})
-        w(f"metrics/zeroshot/{base}.json", {
-            "base": base, "pretrained": True, "device": device, "versions": ver, "datasets": {
-                d: {"zero_shot_accuracy": ZERO_SHOT[d], "n_test": 30,
-                    "zero_shot": {"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN}} for d in datasets}})
+        Static(base=base, stored_base_bytes=STATIC[base],
+               memory_allocated_bytes=STATIC[base] + 1_000_000 if gpu else None, arch="ViT-B-16",
+               compute_dtype="bfloat16",
+               quant={"type": "nf4", "double_quant": True, "blocksize": 64} if base == "nf4" else None,
+               common=common(Static.path(base))).write(root)
+        Zeroshot(base=base, datasets={d: ZeroshotDataset(zero_shot_accuracy=ZERO_SHOT[d], n_test=30,
+                                                         zero_shot={"clip": ZERO_SHOT[d], "coop": ZERO_SHOT[d] + COOP_GAIN})
+                                      for d in datasets},
+                 eval_decode="reference", common=common(Zeroshot.path(base))).write(root)
     for m in methods:
         for d in datasets:
-            w(f"metrics/train/{m}/{d}.json", {
-                "method": m, "dataset": d, "pretrained": True, "device": device, "trainable_params": 184_320,
-                "seeds": SEEDS, "steps": 8, "train_seconds_mean": TRAIN_S[m] + (10.0 if d == "dtd" else 0.0),
-                "peak_allocated_bytes": (PEAK[m] + (1000 if d == "dtd" else 0)) if gpu else None,
-                "peak_reserved_bytes": PEAK[m] * 2 if gpu else None,
-                "saved_activation_bytes": SAVED[m], "step_ms_median": STEP_MS[m],
-                "per_seed": {str(s): {"train_seconds": TRAIN_S[m], "final_loss": 0.5,
-                                      "peak_allocated_bytes": PEAK[m] if gpu else None} for s in SEEDS},
-                "protocol": PROTOCOL, "versions": ver})
+            Train(method=m, dataset=d, seeds=SEEDS, steps=8, trainable_params=184_320,
+                  train_seconds_mean=TRAIN_S[m] + (10.0 if d == "dtd" else 0.0),
+                  peak_allocated_bytes=(PEAK[m] + (1000 if d == "dtd" else 0)) if gpu else None,
+                  peak_reserved_bytes=PEAK[m] * 2 if gpu else None,
+                  saved_activation_bytes=SAVED[m], train_images_bytes=3_000_000, protocol=PROTOCOL,
+                  step_ms_median=STEP_MS[m],
+                  per_seed={str(s): TrainSeed(train_seconds=TRAIN_S[m], final_loss=0.5,
+                                              peak_allocated_bytes=PEAK[m] if gpu else None, resumed_from=0)
+                            for s in SEEDS},
+                  common=common(Train.path(m, d))).write(root)
             accs = ACC[m, d]
-            w(f"metrics/eval/{m}/{d}.json", {
-                "method": m, "dataset": d, "pretrained": True, "accuracy_mean": _mean(accs),
-                "accuracy_std": _std(accs), "accuracy": {str(s): a for s, a in zip(SEEDS, accs)},
-                "per_class": {c: 50.0 for c in CLASSES[d]}, "n_test": 30})
+            Eval(method=m, dataset=d, seeds=SEEDS, accuracy_mean=_mean(accs), accuracy_std=_std(accs),
+                 accuracy={str(s): a for s, a in zip(SEEDS, accs)}, per_class={c: 50.0 for c in CLASSES[d]},
+                 n_test=30, passes=len(SEEDS), eval_decode="reference", common=common(Eval.path(m, d))).write(root)
             loss = root / f"dvclive/train/{m}/{d}/seed1/plots/metrics/train"
             loss.mkdir(parents=True, exist_ok=True)
             step_every = 1 if m != "qlora_gc" else 2  # different logging steps must still plot
@@ -108,13 +110,14 @@ def make_inputs(root: Path, methods=METHODS, datasets=DATASETS, *, pretrained=Tr
             cls = CLASSES[d]
             w(f"plots/confusion/{m}/{d}.json",
               [{"actual": cls[i % len(cls)], "predicted": cls[(i + (i % 3 == 0)) % len(cls)]} for i in range(30)])
-        w(f"metrics/profile/{m}.json", {
-            "method": m, "device_base_bytes": DEVICE[_base(m)], "trainable_params": 184_320, "device": device,
-            "pretrained": True, "arch": "ViT-B-16",
-            **{b: {"saved_activation_bytes": int(SAVED[m] * f),
-                   "peak_allocated_bytes": int(PEAK[m] * f) if gpu else None,
-                   "peak_reserved_bytes": int(PEAK[m] * f * 1.5) if gpu else None,
-                   "step_ms": STEP_MS[m] * f} for b, f in BATCHES.items()}})
+        Profile(method=m, arch="ViT-B-16", n_classes=100, device_base_bytes=DEVICE[_base(m)],
+                memory_allocated_bytes=DEVICE[_base(m)] + 1_000_000 if gpu else None, trainable_params=184_320,
+                trainable_bytes=184_320 * 16, step_mode="cuda_graph" if gpu else "eager",
+                batches={b: ProfileBatch(saved_activation_bytes=int(SAVED[m] * f),
+                                         peak_allocated_bytes=int(PEAK[m] * f) if gpu else None,
+                                         peak_reserved_bytes=int(PEAK[m] * f * 1.5) if gpu else None,
+                                         step_ms=STEP_MS[m] * f) for b, f in BATCHES.items()},
+                common=common(Profile.path(m))).write(root)
 
 
 COOP_GAIN = 5.0
@@ -125,8 +128,8 @@ PROTOCOL = protocol.record(config.load_with().data, config.load_with().lora, con
 def run(root: Path, methods=METHODS, datasets=DATASETS, figures="plots/figures"):
     buf = io.StringIO()
     console = Console(file=buf, width=250, color_system=None)
-    summary = report.aggregate(methods, datasets, root / "metrics", root / "metrics" / "summary.json",
-                               root / "reports" / "results.md", root / figures, console=console)
+    summary = report.aggregate(methods, datasets, root, root / "reports" / "results.md", root / figures,
+                               console=console)
     return summary, buf.getvalue()
 
 
@@ -461,8 +464,7 @@ def test_tables_printed_to_a_pipe_keep_every_cell(tmp_path, capfd, monkeypatch):
     """Piped (a log, `| tee`), rich assumes 80 columns and cuts cells to "Lo…": the tables keep their width."""
     monkeypatch.delenv("COLUMNS", raising=False)
     make_inputs(tmp_path)
-    report.aggregate(METHODS, DATASETS, tmp_path / "metrics", tmp_path / "metrics" / "summary.json",
-                     tmp_path / "reports" / "results.md", tmp_path / "plots" / "figures")
+    report.aggregate(METHODS, DATASETS, tmp_path, tmp_path / "reports" / "results.md", tmp_path / "plots" / "figures")
     out = capfd.readouterr().out
     assert "…" not in out and max(len(line) for line in out.splitlines()) > 80
     assert "QLoRA + GC (qlora_gc)" in out

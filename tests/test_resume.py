@@ -192,9 +192,9 @@ def test_interrupted_training_resumes_bit_identical_in_process(tmp_path, monkeyp
         assert all_files(Path("adapters")) == [] and not Path("metrics/train").exists()
         resumed = train_stage(p, method, "shapes")
         assert not ckpt.exists()
-    assert resumed["per_seed"]["1"]["resumed_from"] == 60
-    assert resumed["per_seed"]["1"]["train_seconds"] > state["record"]["seconds"] > 0  # the sum of both parts
-    assert reference["per_seed"]["1"]["resumed_from"] == 0
+    assert resumed.per_seed["1"].resumed_from == 60
+    assert resumed.per_seed["1"].train_seconds > state["record"]["seconds"] > 0  # the sum of both parts
+    assert reference.per_seed["1"].resumed_from == 0
     assert_reports_equal(a, b, method)
     assert_bitwise_equal(adapter_tensors(a, method), adapter_tensors(b, method))
 
@@ -227,7 +227,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, monkeypatch, key,
         except UserError as e:  # refusing with a line that says what to do is fine
             assert ".ckpt" in str(e) or "checkpoint" in str(e)
             return
-    assert m["per_seed"]["1"]["resumed_from"] == 0, "resumed a checkpoint made with other params"
+    assert m.per_seed["1"].resumed_from == 0, "resumed a checkpoint made with other params"
 
 
 def test_progress_lines_count_from_the_resumed_step_and_show_each_status_once(capsys):

@@ -259,7 +259,8 @@ def _synthetic(folder, sizes_gib: dict, methods=("lora", "lora_gc", "qlora", "ql
     for i, (arch, per_method) in enumerate(sizes_gib.items()):
         rec = {"arch": arch, "params": (i + 1) * 10**8, "n_classes": 100, "batches": [batch], "warmup": 1,
                "steps": 5, "compute_dtype": "bfloat16", "device": "GPU", "gpu_gib": 139.8, "pretrained": False,
-               "lora": {"r": 2, "targets": ["q", "k", "v"], "towers": ["vision", "text"]}, "methods": {}}
+               "lora": {"r": 2, "targets": ["q", "k", "v"], "towers": ["vision", "text"]},
+               "versions": {"python": "3.11"}, "methods": {}}
         for m in methods:
             static = (i + 1) * (GIB // 4 if m.startswith("qlora") else GIB)
             c = ({"fits": False, "gpu_gib": 139.8} if (arch, m) in oom else

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clip_qlora.runtime.io import device_name, versions
-
 
 def split_path(dataset: str) -> Path:
     return Path("data/splits") / f"{dataset}.json"
@@ -38,10 +36,3 @@ def base_of(method: str) -> Path:
     from clip_qlora.core.backends import METHODS  # the table only: imports no torch
 
     return base_dir(METHODS[method].base)
-
-
-def common(device: str, meta: dict) -> dict:
-    """What every metrics file records about the run that wrote it: real weights or not, the activation that
-    ran (from the base's meta), device, versions."""
-    return {"pretrained": bool(meta["is_pretrained"]), "activation": meta["activation"],
-            "device": device_name(device), "versions": versions()}

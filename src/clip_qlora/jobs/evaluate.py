@@ -19,7 +19,8 @@ from clip_qlora.core.model import preprocess_stats
 from clip_qlora.core.scoring import accuracy, class_features, logits, per_class, predict, tokens_of
 from clip_qlora.data.images import eval_batches
 from clip_qlora.data.splits import class_prompts, load_split
-from clip_qlora.paths import adapter_dir, base_of, common, split_path
+from clip_qlora.metrics import Common, Eval
+from clip_qlora.paths import adapter_dir, base_of, split_path
 from clip_qlora.runtime.io import UserError, read_json, write_json
 
 
@@ -69,7 +70,7 @@ def evaluate_seeds(base_dir, adapter_dirs: dict[str, str], prompts, classnames, 
     return out
 
 
-def evaluate_dataset(method: str, dataset: str, *, data, eval, train, runtime, device: str) -> dict:
+def evaluate_dataset(method: str, dataset: str, *, data, eval, train, runtime, device: str) -> Eval:
     """The evaluate stage: metrics/eval/<method>/<dataset>.json and its confusion plot. data: root and seeds;
     eval: the eval group; train: logit_scale only; runtime: eval_workers only (same images, same order);
     device: model.device."""
@@ -93,14 +94,14 @@ def evaluate_dataset(method: str, dataset: str, *, data, eval, train, runtime, d
                                     if v[c] is not None) if any(v[c] is not None for v in
                                                                 r["per_seed_per_class"].values()) else None
                  for c in split["classnames"]}
-    metrics = {"method": method, "dataset": dataset, "seeds": list(data.seeds),
-               "accuracy_mean": statistics.mean(accs),
-               "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-               "accuracy": r["accuracy"],
-               "per_class": per_class, "n_test": r["n_test"], "passes": r["passes"],
-               "eval_decode": eval.decode,  # the report lists the fast path among the deviations
-               **common(device, read_json(base_of(method) / "base.json"))}
-    write_json(Path("metrics/eval") / method / f"{dataset}.json", metrics)
+    metrics = Eval(method=method, dataset=dataset, seeds=list(data.seeds),
+                   accuracy_mean=statistics.mean(accs),
+                   accuracy_std=statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                   accuracy=r["accuracy"],
+                   per_class=per_class, n_test=r["n_test"], passes=r["passes"],
+                   eval_decode=eval.decode,  # the report lists the fast path among the deviations
+                   common=Common.of(device, read_json(base_of(method) / "base.json")))
+    metrics.write()
     # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
     print(f"evaluate {method} {dataset}: {r['n_test']} test images, "
           f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, {r['eval_seconds']:.2f} s "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -17,8 +16,9 @@ from clip_qlora.core.memory import (CudaPeak, DriverMemory, SavedActivations, al
 from clip_qlora.core.base import resolve_device
 from clip_qlora.core.graphs import make_step
 from clip_qlora.core.step import build_run, optimizer_step
-from clip_qlora.paths import base_of, common
-from clip_qlora.runtime.io import read_json, write_json
+from clip_qlora.metrics import Common, Profile, ProfileBatch
+from clip_qlora.paths import base_of
+from clip_qlora.runtime.io import read_json
 from clip_qlora.runtime.processes import FreshProcesses
 
 # What a fresh measuring process imports while the previous one measures (torch, open_clip, peft, bitsandbytes).
@@ -112,26 +112,27 @@ def measure_run(make_run, micro: int, accum: int, n_classes: int, warmup: int, s
     return out
 
 
-def profile_method(method: str, *, lora, train, runtime, profile, device: str) -> dict:
+def profile_method(method: str, *, lora, train, runtime, profile, device: str) -> Profile:
     """The profile stage: metrics/profile/<method>.json, each profile.batches configuration measured in a
     process of its own on CUDA."""
     device = resolve_device(device)
     base = base_of(method)
     meta = read_json(base / "base.json")
-    out = {"method": method, "arch": meta["arch"], "n_classes": profile.n_classes}
+    batches = {}
     groups = {"lora": lora, "train": train, "runtime": runtime}
     with FreshProcesses(device, WARM) as call:  # on CUDA, each configuration in a process of its own
         for spec in profile.batches:
             micro, accum = parse_batch(spec)
             r = call(measure, method, base, micro, accum, profile.n_classes, profile.warmup, profile.steps, device,
                      groups)
-            out["device_base_bytes"] = r["device_base_bytes"]
-            out["memory_allocated_bytes"] = r["memory_allocated_bytes"]
-            out["trainable_params"] = r["trainable_params"]
-            out["trainable_bytes"] = r["trainable_bytes"]
-            out["step_mode"] = r["step_mode"]
-            out[f"b{spec}"] = {k: r[k] for k in ("saved_activation_bytes", "peak_allocated_bytes",
-                                                 "peak_reserved_bytes", "step_ms")}
-    out.update(common(device, meta))
-    write_json(Path("metrics/profile") / f"{method}.json", out)
+            batches[f"b{spec}"] = ProfileBatch(saved_activation_bytes=r["saved_activation_bytes"],
+                                               peak_allocated_bytes=r["peak_allocated_bytes"],
+                                               peak_reserved_bytes=r["peak_reserved_bytes"], step_ms=r["step_ms"])
+    # the base, the adapters and the step mode do not depend on the batch: each configuration's process
+    # measures them again, the file keeps the last one's
+    out = Profile(method=method, arch=meta["arch"], n_classes=profile.n_classes,
+                  device_base_bytes=r["device_base_bytes"], memory_allocated_bytes=r["memory_allocated_bytes"],
+                  trainable_params=r["trainable_params"], trainable_bytes=r["trainable_bytes"],
+                  step_mode=r["step_mode"], batches=batches, common=Common.of(device, meta))
+    out.write()
     return out

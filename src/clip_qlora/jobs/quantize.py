@@ -10,7 +10,8 @@ from clip_qlora.core import backends
 from clip_qlora.core.base import make_base, resolve_device, resolve_dtype, save_base
 from clip_qlora.runtime.io import write_json
 from clip_qlora.core.memory import allocated_bytes, frozen_weight_bytes
-from clip_qlora.paths import base_dir, common, method_pointer
+from clip_qlora.metrics import Common, Static
+from clip_qlora.paths import base_dir, method_pointer
 
 
 def _sha256(path: Path) -> str:
@@ -21,7 +22,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def quantize_base(base: str, p) -> dict:
+def quantize_base(base: str, p) -> Static:
     """The quantize stage: models/<base>/, its methods' pointers and metrics/static/<base>.json. p: the params
     the stage declares (model, and the group the backend's settings come from)."""
     device = resolve_device(p.model.device)
@@ -43,9 +44,9 @@ def quantize_base(base: str, p) -> dict:
                                                 "dir": str(base_dir(base)), "settings": settings, "sha256": digest})
     # the base as stored (saved tensors, token-embedding table included): comparable with the original study's
     # static figures; the profile's device_base_bytes is what a training run keeps on the device
-    metrics = {"base": base, "stored_base_bytes": frozen_weight_bytes(model),
-               "memory_allocated_bytes": None if after is None else after - before,
-               "arch": p.model.arch, "compute_dtype": meta["compute_dtype"], "quant": settings,
-               **common(device, meta)}
-    write_json(Path("metrics/static") / f"{base}.json", metrics)
+    metrics = Static(base=base, stored_base_bytes=frozen_weight_bytes(model),
+                     memory_allocated_bytes=None if after is None else after - before,
+                     arch=p.model.arch, compute_dtype=meta["compute_dtype"], quant=settings,
+                     common=Common.of(device, meta))
+    metrics.write()
     return metrics

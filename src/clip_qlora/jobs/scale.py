@@ -8,15 +8,11 @@ towers lora.towers names, scale.n_classes synthetic prompts. On CUDA each config
 process (`processes.FreshProcesses`), so no configuration's memory or loaded kernels show in another's figures.
 A configuration that runs out of GPU memory is recorded as not fitting and the stage goes on.
 
-metrics/scale/<arch>.json:
-    {"arch", "params": parameter count (both towers, embeddings included), "n_classes", "batches", "warmup",
-     "steps", "compute_dtype", "device", "gpu_gib": the device's memory, "pretrained": false, "lora": the
-     adapter settings, "versions",
-     "methods": {<method>: {"base": bf16 | nf4, "gradient_checkpointing": bool,
-                            "b<micro>x<accum>": {"fits": true, <profile.measure_run's fields>,
-                                                 "base_build_seconds", "driver_context_bytes": the
-                                                 process before its first allocation}
-                                              | {"fits": false, "gpu_gib": N}}}}
+metrics/scale/<arch>.json is `clip_qlora.metrics.Scale` ("params": parameter count, both towers, embeddings
+included; "gpu_gib": the device's memory; "lora": the adapter settings), each method's configuration
+    "b<micro>x<accum>": {"fits": true, <profile.measure_run's fields>, "base_build_seconds",
+                         "driver_context_bytes": the process before its first allocation}
+                      | {"fits": false, "gpu_gib": N}
 Bytes are integers; allocator and driver fields are null off CUDA (the driver's also where NVML does not
 list the process).
 """
@@ -27,14 +23,14 @@ import gc
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from clip_qlora.core import backends
 from clip_qlora.core.backends import METHODS
 from clip_qlora.core.base import resolve_device, resolve_dtype
-from clip_qlora.runtime.io import UserError, device_name, versions, write_json
+from clip_qlora.metrics import Scale
+from clip_qlora.runtime.io import UserError, device_name, versions
 from clip_qlora.core.memory import DriverMemory
 from clip_qlora.runtime.processes import FreshProcesses
 from clip_qlora.config import parse_batch
@@ -46,10 +42,6 @@ log = logging.getLogger(__name__)
 
 # What a fresh measuring process imports while the previous one measures (torch, open_clip, peft, bitsandbytes).
 WARM = ("clip_qlora.jobs.scale",)
-
-
-def metrics_path(arch: str) -> Path:
-    return Path("metrics/scale") / f"{arch}.json"
 
 
 def gpu_gib(device: str) -> float | None:
@@ -149,10 +141,10 @@ def print_line(record: dict, method: str, spec: str, seconds: float) -> None:
     print(_line(record, method, spec, seconds), file=sys.stderr, flush=True)
 
 
-def scale_arch(p, arch: str) -> dict:
+def scale_arch(p, arch: str) -> Scale:
     """The `scale@<arch>` stage: measure, then write metrics/scale/<arch>.json (once, complete). p: the params
     the stage declares (methods, model.compute_dtype, model.device, quant, lora, train, scale.*, runtime.*)."""
     device = resolve_device(p.model.device)
-    record = measure_arch(p, arch, device, on_result=print_line)
-    write_json(metrics_path(arch), record)
+    record = Scale.from_dict(measure_arch(p, arch, device, on_result=print_line), f"scale@{arch}'s record")
+    record.write()
     return record

@@ -22,8 +22,9 @@ from clip_qlora.data.batches import make_micro_batches
 from clip_qlora.data.images import load_train_images
 from clip_qlora.data.splits import class_prompts, load_split
 from clip_qlora.jobs.checkpoint import Record, load_checkpoint, run_fingerprint, save_checkpoint
-from clip_qlora.paths import adapter_dir, base_of, checkpoint_path, common, split_path
-from clip_qlora.runtime.io import UserError, atomic_dir, write_json
+from clip_qlora.metrics import Common, Train, TrainSeed
+from clip_qlora.paths import adapter_dir, base_of, checkpoint_path, split_path
+from clip_qlora.runtime.io import UserError, atomic_dir
 from clip_qlora.runtime.progress import Bar
 
 
@@ -102,7 +103,7 @@ def train_seed(method: str, base_dir, prompts, images, seed: int, device: str, a
             "is_pretrained": run.meta["is_pretrained"], **peak.read()}
 
 
-def train_dataset(method: str, dataset: str, *, data, lora, train, runtime, device: str) -> dict:
+def train_dataset(method: str, dataset: str, *, data, lora, train, runtime, device: str) -> Train:
     """The train stage: every seed of data.seeds, then metrics/train/<method>/<dataset>.json. data: the
     data group (root, shots, seeds); device: model.device."""
     device = resolve_device(device)
@@ -133,19 +134,19 @@ def train_dataset(method: str, dataset: str, *, data, lora, train, runtime, devi
     first = next(iter(per_seed.values()))
     peaks = [r["peak_allocated_bytes"] for r in per_seed.values() if r["peak_allocated_bytes"] is not None]
     reserved = [r["peak_reserved_bytes"] for r in per_seed.values() if r["peak_reserved_bytes"] is not None]
-    metrics = {"method": method, "dataset": dataset, "seeds": list(data.seeds), "steps": first["steps"],
-               "trainable_params": first["trainable_params"],
-               "train_seconds_mean": statistics.mean(r["train_seconds"] for r in per_seed.values()),
-               "peak_allocated_bytes": max(peaks) if peaks else None,
-               "peak_reserved_bytes": max(reserved) if reserved else None,
-               "saved_activation_bytes": first["saved_activation_bytes"],
-               # the decoded training images live on the device too, inside the peaks above
-               "train_images_bytes": max(r["train_images_bytes"] for r in per_seed.values()),
-               "protocol": protocol.record(data, lora, train, split, meta),
-               "step_ms_median": statistics.median(r["step_ms_median"] for r in per_seed.values()),
-               "per_seed": {s: {"train_seconds": r["train_seconds"], "final_loss": r["final_loss"],
-                                "peak_allocated_bytes": r["peak_allocated_bytes"],
-                                "resumed_from": r["resumed_from"]} for s, r in per_seed.items()},
-               **common(device, meta)}
-    write_json(Path("metrics/train") / method / f"{dataset}.json", metrics)
+    metrics = Train(method=method, dataset=dataset, seeds=list(data.seeds), steps=first["steps"],
+                    trainable_params=first["trainable_params"],
+                    train_seconds_mean=statistics.mean(r["train_seconds"] for r in per_seed.values()),
+                    peak_allocated_bytes=max(peaks) if peaks else None,
+                    peak_reserved_bytes=max(reserved) if reserved else None,
+                    saved_activation_bytes=first["saved_activation_bytes"],
+                    # the decoded training images live on the device too, inside the peaks above
+                    train_images_bytes=max(r["train_images_bytes"] for r in per_seed.values()),
+                    protocol=protocol.record(data, lora, train, split, meta),
+                    step_ms_median=statistics.median(r["step_ms_median"] for r in per_seed.values()),
+                    per_seed={s: TrainSeed(train_seconds=r["train_seconds"], final_loss=r["final_loss"],
+                                           peak_allocated_bytes=r["peak_allocated_bytes"],
+                                           resumed_from=r["resumed_from"]) for s, r in per_seed.items()},
+                    common=Common.of(device, meta))
+    metrics.write()
     return metrics

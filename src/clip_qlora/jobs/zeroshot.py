@@ -15,17 +15,13 @@ from pathlib import Path
 from clip_qlora.core.base import load_base, resolve_device
 from clip_qlora.data.images import eval_batches
 from clip_qlora.data.splits import load_split, zero_shot_templates
-from clip_qlora.runtime.io import write_json
 from clip_qlora.core.scoring import zero_shot
-from clip_qlora.paths import base_dir, common, split_path
-
-
-def metrics_path(base: str) -> Path:
-    return Path("metrics/zeroshot") / f"{base}.json"
+from clip_qlora.metrics import Common, Zeroshot, ZeroshotDataset
+from clip_qlora.paths import base_dir, split_path
 
 
 def zeroshot_base(base: str, datasets: list[str], *, data, own_datasets: dict, eval, train, runtime,
-                  device: str) -> dict:
+                  device: str) -> Zeroshot:
     """The zeroshot stage: metrics/zeroshot/<base>.json. data: root and template; own_datasets: the declared
     datasets (their templates); eval: the eval group; train: logit_scale only; runtime: eval_workers only;
     device: model.device."""
@@ -45,12 +41,12 @@ def zeroshot_base(base: str, datasets: list[str], *, data, own_datasets: dict, e
                        for name, template in zero_shot_templates(dataset, own_datasets).items()}
         r = zero_shot(model, meta, prompt_sets, make_batches, device, train.logit_scale)
         # zero_shot_accuracy: with the prompts training used (data.template); zero_shot: every set
-        per_dataset[dataset] = {"zero_shot_accuracy": r["zero_shot"][data.template], "zero_shot": r["zero_shot"],
-                                "n_test": r["n_test"]}
+        per_dataset[dataset] = ZeroshotDataset(zero_shot_accuracy=r["zero_shot"][data.template],
+                                               zero_shot=r["zero_shot"], n_test=r["n_test"])
         # the time goes to the log, not the metrics: a rerun must write the same outputs DVC recorded
         print(f"zeroshot {base} {dataset}: {r['n_test']} test images, "
               f"{r['passes']} pass{'es' if r['passes'] != 1 else ''}, "
               f"{r['eval_seconds']:.2f} s ({r['test_images_per_second']:.0f} images/s)", file=sys.stderr)
-    metrics = {"base": base, "datasets": per_dataset, "eval_decode": eval.decode, **common(device, meta)}
-    write_json(metrics_path(base), metrics)  # one file, written once every dataset is scored
+    metrics = Zeroshot(base=base, datasets=per_dataset, eval_decode=eval.decode, common=Common.of(device, meta))
+    metrics.write()  # one file, written once every dataset is scored
     return metrics

@@ -139,7 +139,7 @@ def paper_datasets(inp: Inputs) -> list[str]:
 
 def _prompt_sets(inp: Inputs, base: str) -> list[str]:
     """The zero-shot prompt sets measured for `base` on every dataset."""
-    sets = [set(inp.zeroshot[base, d]["zero_shot"]) for d in inp.datasets]
+    sets = [set(inp.zeroshot[base, d].zero_shot) for d in inp.datasets]
     return [k for k in PROMPT_SETS if all(k in s for s in sets)]
 
 
@@ -157,7 +157,7 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
 
     def zero_shot(base, d, k):
         e = inp.zeroshot[base, d]
-        return e.get("zero_shot_accuracy") if k is None else e["zero_shot"][k]
+        return e.zero_shot_accuracy if k is None else e.zero_shot[k]
 
     refs = [reference_column(d) for d in inp.datasets]
     quoted = REFERENCE_ROWS if any(refs) else []  # no quoted columns beside datasets the paper never ran
@@ -171,7 +171,7 @@ def accuracy_rows(inp: Inputs, raw: dict) -> tuple[list[str], list[list[str]]]:
             row.append("n/a" if z is None else f"{z:.2f}")
         for m in inp.methods:
             e = inp.eval[m, d]
-            row.append(acc(e["accuracy_mean"], e.get("accuracy_std")))
+            row.append(acc(e.accuracy_mean, e.accuracy_std))
         for _, values in quoted:
             row.append(values[REFERENCE_COLUMNS.index(ref)] if ref else "—")
         rows.append(row)
@@ -245,8 +245,7 @@ def header_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     lines = ["# LoRA vs QLoRA on CLIP: results", ""]
     if not pre:
         lines += [RANDOM_INIT_BANNER, ""]
-    archs = sorted({str(p.get("arch")) for p in inp.profile.values() if p.get("arch")}
-                   | {str(s.get("arch")) for s in inp.static.values() if s.get("arch")})
+    archs = sorted({p.arch for p in inp.profile.values()} | {s.arch for s in inp.static.values()})
     return lines + [f"Measured on **{raw['device']}**; architecture {', '.join(archs) or 'n/a'}; "
                     f"datasets {', '.join(inp.datasets)}; {n_seeds_text(inp.n_seeds)} per dataset; "
                     f"pretrained weights: **{'yes' if pre else 'none (random weights)'}**.", ""]
@@ -326,9 +325,9 @@ def figures_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
 
 def protocol_section(inp: Inputs, raw: dict, ctx: dict) -> list[str]:
     """Which protocol ran and every deviation from CLIP-LoRA, from what each training run recorded."""
-    records = {f"{m}/{d}": protocol.with_evaluation(inp.train[m, d]["protocol"], inp.eval.get((m, d)))
-               for m in inp.methods for d in inp.datasets
-               if isinstance(inp.train[m, d].get("protocol"), dict)}
+    records = {f"{m}/{d}": protocol.with_evaluation(inp.train[m, d].protocol,
+                                                    {"eval_decode": inp.eval[m, d].eval_decode})
+               for m in inp.methods for d in inp.datasets}
     return protocol.markdown(records)
 
 

@@ -50,8 +50,8 @@ def loss_tables(inp: Inputs, dvclive_dir: Path) -> dict[str, list[dict]]:
 
 
 def plot_records(inp: Inputs, raw: dict) -> dict[str, list[dict]]:
-    accuracy = [{"method": m, "dataset": d, "accuracy": inp.eval[m, d]["accuracy_mean"],
-                 "std": inp.eval[m, d].get("accuracy_std") or 0.0, "label": f"{d} / {m}"}
+    accuracy = [{"method": m, "dataset": d, "accuracy": inp.eval[m, d].accuracy_mean,
+                 "std": inp.eval[m, d].accuracy_std or 0.0, "label": f"{d} / {m}"}
                 for d in inp.datasets for m in inp.methods]
     memory = []
     step_time = []
@@ -78,9 +78,9 @@ def draw_figures(inp: Inputs, raw: dict, pngs: dict[str, Path]) -> None:
     zs_col = zero_shot_columns(inp)[0][1]
     figures.accuracy_figure(
         pngs["accuracy"], methods=inp.methods, datasets=inp.datasets,
-        mean={m: {d: inp.eval[m, d]["accuracy_mean"] for d in inp.datasets} for m in inp.methods},
-        std={m: {d: inp.eval[m, d].get("accuracy_std") or 0.0 for d in inp.datasets} for m in inp.methods},
-        zero_shot={d: inp.zeroshot[zs_col, d].get("zero_shot_accuracy") for d in inp.datasets},
+        mean={m: {d: inp.eval[m, d].accuracy_mean for d in inp.datasets} for m in inp.methods},
+        std={m: {d: inp.eval[m, d].accuracy_std or 0.0 for d in inp.datasets} for m in inp.methods},
+        zero_shot={d: inp.zeroshot[zs_col, d].zero_shot_accuracy for d in inp.datasets},
         n_seeds_text=n_seeds_text(inp.n_seeds), pretrained=pre)
     measures = ["static", f"peak allocated ({TRAIN_ROW})",
                 *(f"peak allocated ({batch_label(b)})" for b in inp.batches)]

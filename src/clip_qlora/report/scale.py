@@ -19,7 +19,8 @@ import math
 import os
 from pathlib import Path
 
-from clip_qlora.runtime.io import UserError, atomic_dir, read_json, write_text
+from clip_qlora.metrics import Scale
+from clip_qlora.runtime.io import UserError, atomic_dir, write_text
 
 GIB = 2**30
 MEMORY_FIELDS = ("driver_bytes", "peak_allocated_bytes", "peak_reserved_bytes", "saved_activation_bytes")
@@ -61,22 +62,17 @@ def _config(rec: dict, method: str, spec: str, where: str) -> dict:
     return c
 
 
-def load(folder: Path, archs: list[str], methods: list[str], batches: list[str]) -> list[dict]:
-    """The records of `archs`, checked, smallest model first (the order of the report and the figures)."""
+def load(folder: Path | None, archs: list[str], methods: list[str], batches: list[str]) -> list[dict]:
+    """The records of `archs` (each read as clip_qlora.metrics.Scale, then its configurations checked) as
+    dicts with their configurations under "configs", smallest model first (the order of the report and the
+    figures). folder: where the <arch>.json files are, if not where the scale stage writes them."""
     records = []
     for arch in archs:
-        path = Path(folder) / f"{arch}.json"
-        if not path.exists():
-            raise UserError(f"{path}: missing; run the scale stage first (dvc repro scale@{arch})")
-        rec = read_json(path)
-        where = str(path)
-        if not isinstance(rec, dict) or rec.get("arch") != arch:
-            raise UserError(f"{where}: expected the record of {arch} (an object with arch: {arch})")
-        if isinstance(rec.get("params"), bool) or not isinstance(rec.get("params"), int) or rec["params"] <= 0:
-            raise UserError(f"{where}: 'params' must be a positive integer")
-        if not isinstance(rec.get("methods"), dict):
-            raise UserError(f"{where}: 'methods' must be an object")
-        rec["configs"] = {(m, b): _config(rec, m, b, where) for m in methods for b in batches}
+        path = Scale.path(arch) if folder is None else Path(folder) / Scale.path(arch).name
+        rec = Scale.read(path).to_dict()
+        if rec["params"] <= 0:
+            raise UserError(f"{path}: 'params' must be a positive integer")
+        rec["configs"] = {(m, b): _config(rec, m, b, str(path)) for m in methods for b in batches}
         records.append(rec)
     return sorted(records, key=lambda r: r["params"])
 
@@ -408,7 +404,7 @@ def write(records: list[dict], methods: list[str], batches: list[str], sizes: li
     return text
 
 
-def report(p, folder: Path = Path("metrics/scale"), report_path: Path = Path("reports/scale.md"),
+def report(p, folder: Path | None = None, report_path: Path = Path("reports/scale.md"),
            plots_dir: Path = Path("plots/scale"), figures_dir: Path = Path("plots/scale_figures")) -> str:
     """The stage: read everything first (a bad input leaves every output untouched), then write."""
     records = load(folder, p.scale.archs, p.methods, p.scale.batches)

@@ -60,29 +60,29 @@ def _method_block(inp: Inputs, m: str) -> dict[str, Any]:
     block: dict[str, Any] = {
         "base": METHODS[m].base,
         "gradient_checkpointing": METHODS[m].checkpointing,
-        "trainable_params": _max(t.get("trainable_params") for t in tr),
-        "accuracy_mean": _mean(e["accuracy_mean"] for e in ev),
-        "accuracy_std": _mean(e.get("accuracy_std") for e in ev),
-        "accuracy": {d: inp.eval[m, d]["accuracy_mean"] for d in ds},
-        "zero_shot_mean": _mean(inp.zeroshot[METHODS[m].base, d].get("zero_shot_accuracy") for d in ds),
+        "trainable_params": _max(t.trainable_params for t in tr),
+        "accuracy_mean": _mean(e.accuracy_mean for e in ev),
+        "accuracy_std": _mean(e.accuracy_std for e in ev),
+        "accuracy": {d: inp.eval[m, d].accuracy_mean for d in ds},
+        "zero_shot_mean": _mean(inp.zeroshot[METHODS[m].base, d].zero_shot_accuracy for d in ds),
         # the base as stored (quantize stage: comparable with the original study's static figures) and as a
         # training run holds it on the device (profile: without the host-side token-embedding table)
-        "stored_base_bytes": static["stored_base_bytes"],
-        "device_base_bytes": prof.get("device_base_bytes"),
-        "static_allocated_bytes": static.get("memory_allocated_bytes"),
-        "peak_allocated_bytes": _max(t.get("peak_allocated_bytes") for t in tr),
-        "peak_reserved_bytes": _max(t.get("peak_reserved_bytes") for t in tr),
-        "saved_activation_bytes": _max(t.get("saved_activation_bytes") for t in tr),
-        "train_seconds": _mean(t["train_seconds_mean"] for t in tr),
-        "step_ms": _mean(t.get("step_ms_median") for t in tr),
+        "stored_base_bytes": static.stored_base_bytes,
+        "device_base_bytes": prof.device_base_bytes,
+        "static_allocated_bytes": static.memory_allocated_bytes,
+        "peak_allocated_bytes": _max(t.peak_allocated_bytes for t in tr),
+        "peak_reserved_bytes": _max(t.peak_reserved_bytes for t in tr),
+        "saved_activation_bytes": _max(t.saved_activation_bytes for t in tr),
+        "train_seconds": _mean(t.train_seconds_mean for t in tr),
+        "step_ms": _mean(t.step_ms_median for t in tr),
         "profile": {},
     }
     for b in inp.batches:
-        p = prof.get(b)
-        if isinstance(p, dict):
-            block["profile"][b] = {k: p.get(k) for k in
-                                   ("step_ms", "peak_allocated_bytes", "peak_reserved_bytes",
-                                    "saved_activation_bytes")}
+        p = prof.batches.get(b)
+        if p is not None:
+            block["profile"][b] = {"step_ms": p.step_ms, "peak_allocated_bytes": p.peak_allocated_bytes,
+                                   "peak_reserved_bytes": p.peak_reserved_bytes,
+                                   "saved_activation_bytes": p.saved_activation_bytes}
     return block
 
 
@@ -143,7 +143,7 @@ def build_summary(inp: Inputs) -> dict[str, Any]:
 def zero_shot_columns(inp: Inputs) -> list[tuple[str, str]]:
     """(column title, base supplying the value): the bases of the methods shown, one column if they agree."""
     bases = list(dict.fromkeys(METHODS[m].base for m in inp.methods))
-    agree = all(len({inp.zeroshot[b, d].get("zero_shot_accuracy") for b in bases}) == 1 for d in inp.datasets)
+    agree = all(len({inp.zeroshot[b, d].zero_shot_accuracy for b in bases}) == 1 for d in inp.datasets)
     if agree:
         return [("zero-shot", bases[0])]
     return [(f"zero-shot ({base})", base) for base in bases]
