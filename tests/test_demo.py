@@ -82,12 +82,17 @@ def dvc(dest: Path, *args: str) -> str:
 
 
 def test_stages_run_by_dvc_import_the_demo_copy(tmp_path, monkeypatch):
-    """As `make demo` calls it: dest relative to the checkout (runs/demo), the stage run with cwd = dest."""
+    """As `make demo` calls it: dest relative to the checkout (runs/demo), the stage run with cwd = dest. The
+    caller's PYTHONPATH, the checkout's src/ on it, still reaches the stages, after the copy."""
     monkeypatch.chdir(tmp_path)
     dest = Path("runs/demo")
     for name in ("src", "stages"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    probe = ("import json, clip_qlora, stages.app; "
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "callers_package.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), str(site)]))
+    probe = ("import json, clip_qlora, stages.app, callers_package; "
              "print(json.dumps([clip_qlora.__file__, stages.app.__file__]))")
     r = subprocess.run([sys.executable, "-c", probe], cwd=dest, env=env_for(dest), capture_output=True, text=True,
                        timeout=120)
@@ -165,3 +170,19 @@ def test_a_kept_params_file_lacking_an_empty_group_is_named():
     assert missing_keys(project, {"x": 2, "own_datasets": {}, "data": {"root": "q", "shots": 1}}) == []
     assert missing_keys(project, {"x": 2, "own_datasets": {"mine": {"folder": "m"}},
                                   "data": {"root": "q", "shots": 1}}) == []
+
+
+def test_a_failing_dvc_command_is_one_line_with_what_dvc_said(tmp_path, monkeypatch, capsys):
+    """`make demo` where DVC cannot set the folder up: DVC's own last line, no traceback."""
+    from tools import demo
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "dvc"
+    fake.write_text("#!/bin/sh\necho 'some detail' >&2\necho 'ERROR: unexpected error - disk on fire' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(demo.sys, "executable", str(bin_dir / "python"))  # env_for puts its folder first
+    assert demo.main([str(REPO), str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"demo: {tmp_path / 'demo'}: `dvc init -q` failed: ERROR: unexpected error - disk on fire"]

@@ -89,8 +89,15 @@ def configure_dvc(project: Path, dest: Path, env: dict) -> None:
     cfg.read(project / ".dvc" / "config")
     for section in cfg.sections():
         for key, value in cfg[section].items():
-            subprocess.run(["dvc", "config", f"{section}.{key}", value], cwd=dest, env=env, check=True,
-                           capture_output=True)
+            _dvc(["config", f"{section}.{key}", value], dest, env)
+
+
+def _dvc(args: list[str], dest: Path, env: dict) -> None:
+    """A quiet DVC command; when it fails, one line with what DVC said (its last line of output)."""
+    r = subprocess.run(["dvc", *args], cwd=dest, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        said = (r.stderr.strip() or r.stdout.strip() or f"exit status {r.returncode}").splitlines()[-1]
+        raise UserError(f"{dest}: `dvc {' '.join(args)}` failed: {said}")
 
 
 def init_repo(project: Path, dest: Path, env: dict) -> None:
@@ -99,7 +106,7 @@ def init_repo(project: Path, dest: Path, env: dict) -> None:
 
     dest.mkdir(parents=True, exist_ok=True)
     porcelain.init(str(dest)).close()
-    subprocess.run(["dvc", "init", "-q"], cwd=dest, env=env, check=True, capture_output=True)
+    _dvc(["init", "-q"], dest, env)
     configure_dvc(project, dest, env)
     write_text(dest / ".gitignore", IGNORE)
 
@@ -149,7 +156,9 @@ def env_for(dest: Path, threads: int | None = None) -> dict:
     """
     env = dict(os.environ)
     dest = Path(dest).resolve()
-    env["PYTHONPATH"] = f"{dest / 'src'}{os.pathsep}{dest}"
+    # the copy first; what the caller had on PYTHONPATH after it (a cluster's `module load` puts site
+    # packages there, which the stages need as much as the caller does)
+    env["PYTHONPATH"] = os.pathsep.join([str(dest / "src"), str(dest), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("HF_HUB_OFFLINE", "1")  # the demo needs nothing from a hub
     env["DVC_NO_ANALYTICS"] = "1"
