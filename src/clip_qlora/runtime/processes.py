@@ -35,7 +35,8 @@ class FreshProcesses:
 
     A fresh process per configuration keeps each one's peaks and driver memory its own (nothing a library keeps
     alive after one configuration inflates the next one's), but its start costs as much as measuring a small
-    model (importing torch, open_clip, peft and bitsandbytes: 16 s on the project's 2-core CPU machine). Here
+    model (importing torch, open_clip, peft and bitsandbytes; benchmarks/results/2026-12-01-nvidia-h200-study.md
+    measures a cold stage's start-up). Here
     `ahead` spare processes import `warm` while a call runs, so a later call starts with its imports done.
     Spares do not touch CUDA before their call, and a call starts only after the previous process has exited:
     one measuring process at a time. On `cuda:N` the call runs with GPU N as its current device (the one

@@ -2,8 +2,9 @@
 
 Why: DVC starts each stage as a new process, and most of a stage's start-up is importing (torch, torchvision
 and with it torch._dynamo, open_clip and with it transformers, PEFT and its transformers auto classes,
-bitsandbytes): 11-20 s per stage on the H200 machine, for about 80 stages in the study. Forking a process
-that already holds those modules takes milliseconds.
+bitsandbytes): most of a cold stage's start-up on the GPU machine, for about 80 stages in the study
+(measured: benchmarks/results/2026-12-01-nvidia-h200-study.md). Forking a process that already holds those
+modules takes milliseconds.
 
     python -m clip_qlora.runtime.warm -- dvc repro      # what `make run` does
 
