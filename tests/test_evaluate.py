@@ -230,10 +230,12 @@ def test_the_gpu_check_of_the_evaluation_input_runs_on_the_cpu(tmp_path):
     assert out["pass"]
     assert out["jpeg_reference"]["mean"] == 0 and out["jpeg_reference"]["n"] >= 4
     assert out["other_fast_batch1"]["n"] == 7 and out["other_decode_only"]["equal_to_pil"]
-    # grey, CMYK and EXIF-tagged JPEGs: torchvision's CPU decode gives PIL's very pixels, unturned
+    # grey, CMYK and EXIF-tagged JPEGs (and the tagged one's picture untagged): torchvision's CPU decode gives
+    # PIL's very pixels, unturned, and the tag changes none
     variants = out["jpeg_variants_decode_only"]["files"]
-    assert set(variants) == {"grey.jpg", "cmyk.jpg", "exif_turned.jpg"}
+    assert set(variants) == {"grey.jpg", "cmyk.jpg", "exif_turned.jpg", "plain.jpg"}
     assert all(v["mean"] == 0 and v["shape"] == [120, 160, 3] for v in variants.values()), variants
+    assert variants["exif_turned.jpg"]["equal_to_untagged"]
 
 
 def test_the_fast_path_is_a_listed_deviation_and_the_default_is_not():
