@@ -28,7 +28,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # model.com
 SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
 BATCHINGS = ("epochs", "full")
-SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py DRAWS; repeated here so params load imports no data code
+SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py implements them (it imports this; config imports no data code)
 DECODES = ("reference", "fast")  # data/images.py eval_batches
 
 

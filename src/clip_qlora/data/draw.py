@@ -18,10 +18,10 @@ import random
 from collections import defaultdict
 from typing import Callable, Iterable
 
-DRAWS = ("clip_lora", "keyed")
-VAL_SHOTS_MAX = 4  # CLIP-LoRA draws min(k, 4) validation shots per class before the training shots
-
+from clip_qlora.config import SPLIT_DRAWS as DRAWS  # the draws params accept: config is their one home
 from clip_qlora.runtime.io import UserError
+
+VAL_SHOTS_MAX = 4  # CLIP-LoRA draws min(k, 4) validation shots per class before the training shots
 
 
 def _key(seed: int, *parts: str) -> bytes:
