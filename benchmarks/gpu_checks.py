@@ -13,9 +13,11 @@
    grey, 16-bit) and WebP files in batches without a JPEG, through the device decode of the fast path. The
    reference path must be within 0.01 mean (it is PIL's own pipeline: 0 expected); the fast path's numbers
    are what the report's deviation says; (c) the JPEGs a user's own folder may hold that are not plain RGB
-   (grey, CMYK, an EXIF orientation tag), through the fast path's device decode alone: PIL's size (orientation
-   not applied, as PIL does not) and PIL's colours within VARIANT_TOLERANCE (a wrong colour conversion is off
-   by tens of levels; nvJPEG's decoding by tenths). Needs only torch, torchvision, PIL and numpy; --device cpu
+   (grey, CMYK, an EXIF orientation tag), through the fast path's device decode alone: grey and CMYK within
+   VARIANT_TOLERANCE of PIL's colours (a wrong colour conversion is off by tens of levels); the tagged file at
+   PIL's size (orientation not applied, as PIL does not) and equal to the same picture saved untagged (its
+   colours differ from PIL's by the decoder's chroma upsampling, as any RGB JPEG's do on this path: 2.7 grey
+   levels on this sharp-edged picture on the H200). Needs only torch, torchvision, PIL and numpy; --device cpu
    runs it here (the tests do):
 
        python benchmarks/gpu_checks.py --checks eval_input --out DIR [--device cpu]
