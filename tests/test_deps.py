@@ -417,3 +417,9 @@ def test_reading_an_undeclared_key_is_an_error_naming_it():
         p.data.shots
     with pytest.raises(config.Undeclared, match=r"stage train read quant,"):
         p.quant
+    import pickle  # the profile and scale stages hand their view to fresh measuring processes
+
+    q = pickle.loads(pickle.dumps(p))
+    assert q.data.root == p.data.root and q.lora == p.lora
+    with pytest.raises(config.Undeclared, match=r"read data\.shots"):
+        q.data.shots
