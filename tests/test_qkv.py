@@ -99,6 +99,40 @@ def test_bf16_base_weights_become_views_of_one_stacked_tensor(saved_bases, tiny_
         assert not w.requires_grad
 
 
+@pytest.mark.parametrize("expand_absmax", [True, False])
+def test_nf4_weights_are_dequantized_once_to_the_values_of_the_three(saved_bases, tiny_params, tmp_path,
+                                                                     expand_absmax):
+    """With plain fp32 absmax (quant.expand_absmax) q, k and v's 4-bit weights become views of one 4-bit tensor
+    whose single dequantization is bit for bit what dequantizing each gives; with the 8-bit absmax of double
+    quantization left in place they stay three (dequantized one by one, as before)."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from clip_qlora.core.base import load_base
+
+    params = copy.deepcopy(tiny_params)
+    params.train.fused_qkv = False
+    model, meta = load_base(saved_bases["nf4"], "cpu")
+    meta = copy.deepcopy(meta)
+    meta["settings"]["expand_absmax"] = expand_absmax
+    from clip_qlora.core.step import run_on_model
+
+    run = run_on_model(model, meta, "qlora", PROMPTS, "cpu", 10, **groups_of(params))
+    attn = run.clip.visual.transformer.resblocks[0].attn
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    each = torch.cat([dequantize_4bit(p.get_base_layer().weight.data, p.get_base_layer().weight.quant_state)
+                      for p in projs])
+    fused = qkv.FusedQKV(attn)
+    assert (fused._packed is not None) == expand_absmax
+    assert torch.equal(fused.weight(), each)
+    if expand_absmax:
+        data = fused._packed[0]
+        for p in projs:  # no second copy: the Params4bit hold views of the stacked bytes, and read the same
+            w = p.get_base_layer().weight
+            assert w.data.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
+        assert torch.equal(torch.cat([dequantize_4bit(p.get_base_layer().weight.data,
+                                                      p.get_base_layer().weight.quant_state) for p in projs]), each)
+
+
 def test_only_attention_with_adapters_on_q_k_and_v_is_fused(saved_bases, tiny_params):
     """lora.targets without k, or adapters on one tower only: those blocks keep PEFT's modules."""
     p = copy.deepcopy(tiny_params)

@@ -6,8 +6,8 @@ slowest alignment-1/2 kernels: on the H200 they took about 5 ms of a 15 ms ViT-B
 work (benchmarks/results/2026-12-04-nvidia-h200-step.md). Here, per block:
 
 - the three frozen base projections are one GEMM against the stacked [3d, d] weight (a bf16 base's q, k, v
-  weights become views of that one tensor; an NF4 base dequantizes its three weights into one buffer, as
-  bitsandbytes would, each call);
+  weights become views of that one tensor; an NF4 base's three 4-bit weights become views of one 4-bit tensor,
+  dequantized in one call, the same values bitsandbytes would give each);
 - each adapter computes at a rank padded to a multiple of 8 (zero rows of A, zero columns of B, built each
   call from the rank-r parameters): every product has 16-byte rows, and the padding adds exact zeros only;
 - the B products add straight into the base output (GEMM epilogue, scale as alpha), no separate scale/add.
@@ -101,6 +101,7 @@ class FusedQKV:
         self.bias = None if biases[0] is None else torch.cat([t.detach() for t in biases])
         if self.quantized:
             self._bases = bases
+            self._packed = _stack_4bit(bases)
         else:  # the three weights become views of one stacked tensor: no second copy of the base
             stacked = torch.cat([l.weight.detach() for l in bases])
             d = bases[0].out_features
@@ -117,6 +118,8 @@ class FusedQKV:
             return self._stacked
         from bitsandbytes.functional import dequantize_4bit
 
+        if self._packed is not None:  # the three weights as one 4-bit tensor: one dequantization
+            return dequantize_4bit(*self._packed)
         first = self._bases[0]
         if first.weight.device.type != "cuda":  # bitsandbytes has no CPU kernel that writes into a buffer
             return torch.cat([dequantize_4bit(l.weight.data, l.weight.quant_state) for l in self._bases])
@@ -135,6 +138,35 @@ class FusedQKV:
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit inside
             y = _QKV.apply(x2.to(w_dtype), self, *lora)
         return y.view(*shape[:-1], y.shape[-1])
+
+
+def _stack_4bit(bases: list) -> tuple | None:
+    """q, k and v's 4-bit weights as one (packed data, QuantState) of the stacked [3d, d] weight, or None where
+    they cannot be stacked exactly; the three Params4bit then hold views of it (no second copy).
+
+    A 4-bit weight is its row-major values in blocks of `blocksize`, each with its absmax. When every weight
+    has a whole number of blocks and plain fp32 absmax (no double quantization left: quant.expand_absmax), the
+    concatenated packed bytes and absmax are exactly the stacked weight's: one dequantization launch gives the
+    values the three did (from the H200 profile: 408 dequantization launches per qlora_gc step, 4.7 us each).
+    """
+    from bitsandbytes.functional import QuantState
+
+    states = [l.weight.quant_state for l in bases]
+    first = states[0]
+    n = first.shape.numel()
+    if any(s.nested or s.absmax.dtype != torch.float32 or s.shape != first.shape or s.blocksize != first.blocksize
+           or s.quant_type != first.quant_type or s.dtype != first.dtype or not torch.equal(s.code, first.code)
+           for s in states) or n % first.blocksize:
+        return None
+    data = torch.cat([l.weight.data for l in bases])
+    absmax = torch.cat([s.absmax for s in states])
+    per_data, per_absmax = data.shape[0] // 3, absmax.shape[0] // 3
+    for j, (l, s) in enumerate(zip(bases, states)):  # views: the unfused paths read the same bytes
+        l.weight.data = data[j * per_data:(j + 1) * per_data]
+        s.absmax = absmax[j * per_absmax:(j + 1) * per_absmax]
+    state = QuantState(absmax=absmax, shape=torch.Size([3 * first.shape[0], first.shape[1]]), code=first.code,
+                       blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
+    return data, state
 
 
 def _drop_p(m, adapter) -> float:
