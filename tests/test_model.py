@@ -91,6 +91,10 @@ def test_uncached_tag_offline_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # huggingface_hub read both at import, before this test: without these it would try the network, retrying
+    # (about 45 s here, where there is none), instead of the offline path a user with HF_HUB_OFFLINE=1 takes
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(UserError) as e:
         M.create_clip("RN50", "openai")
     msg = str(e.value)
