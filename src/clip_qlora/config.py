@@ -441,29 +441,18 @@ class Undeclared(AttributeError):
 
 
 class _Declared:
-    """A params group of which a stage declared only some keys (`data.root`, not all of `data`)."""
+    """What a stage declared, by name: the top level of params, or a group of which it declared only some keys
+    (`data.root`, not all of `data`). Reading any other name raises Undeclared."""
 
-    def __init__(self, group, name: str, keys: frozenset[str], stage: str):
-        self._group, self._name, self._keys, self._stage = group, name, keys, stage
+    def __init__(self, values: dict, where: str, stage: str):
+        self._values, self._where, self._stage = values, where, stage
 
     def __getattr__(self, key: str):
         if key.startswith("_"):  # our own fields before unpickling restores them, copy/pickle probing
             raise AttributeError(key)
-        if key not in self._keys:
-            raise Undeclared(f"stage {self._stage} read {self._name}.{key}, which its dvc.yaml params do not list")
-        return getattr(self._group, key)
-
-
-class _DeclaredParams:
-    def __init__(self, p: Params, groups: dict, stage: str):
-        self._p, self._groups, self._stage = p, groups, stage
-
-    def __getattr__(self, key: str):
-        if key.startswith("_"):
-            raise AttributeError(key)
-        if key not in self._groups:
-            raise Undeclared(f"stage {self._stage} read {key}, which its dvc.yaml params do not list")
-        return self._groups[key]
+        if key not in self._values:
+            raise Undeclared(f"stage {self._stage} read {self._where}{key}, which its dvc.yaml params do not list")
+        return self._values[key]
 
 
 # Read by every stage though dvc.yaml lists them only where they are inputs: they name the stage instances
@@ -481,9 +470,9 @@ def declared(p: Params, keys, stage: str):
             wanted[group] = None
         elif wanted.get(group, set()) is not None:
             wanted.setdefault(group, set()).add(key)
-    groups = {g: getattr(p, g) if ks is None else _Declared(getattr(p, g), g, frozenset(ks), stage)
+    groups = {g: getattr(p, g) if ks is None else _Declared({k: getattr(getattr(p, g), k) for k in ks}, f"{g}.", stage)
               for g, ks in wanted.items()}
-    return _DeclaredParams(p, groups, stage)
+    return _Declared(groups, "", stage)
 
 
 def auto_eval_workers() -> int:
