@@ -45,6 +45,9 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         for gen in run.blocks.generators():
             self.graph.register_generator_state(gen)
+        # Generators drawn from in the graph start each replay freshly seeded (__call__): the captured draws
+        # must start from the same place (kernels that take their offsets from blocks.Draws bake them in).
+        run.blocks.seed(torch.initial_seed())
         with torch.cuda.graph(self.graph, pool=pool):
             self.loss = self._body()
 
