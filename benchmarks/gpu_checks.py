@@ -21,6 +21,10 @@
    runs it here (the tests do):
 
        python benchmarks/gpu_checks.py --checks eval_input --out DIR [--device cpu]
+5. adapter_kernel: the masks train.adapter_kernel triton draws (core/lora_triton.py) are torch's own CUDA
+   dropout masks, bit for bit, for the shapes the study trains (image tokens at batch 32 and 4, the text
+   tower's prompts, a wider model), seeds below and above 2^32, after an earlier draw from the generator;
+   and the kernel's h is torch's dropped x times A^T within bf16 rounding. Needs only torch and Triton.
 """
 from __future__ import annotations
 
@@ -120,6 +124,36 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
 SIZES = [(500, 375), (375, 500), (1000, 700), (320, 240), (64, 64), (300, 200), (512, 384), (641, 427), (251, 333)]
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
                   "retina", "camera", "coins", "moon", "page", "text", "grass", "gravel", "brick", "clock")
+
+
+def adapter_kernel_masks(device: str = "cuda", p: float = 0.25) -> dict:
+    """Check 5 (see the module docstring)."""
+    from clip_qlora.core import lora_triton as lt
+    from clip_qlora.core.blocks import Draws, drawing_from
+
+    cases, ok = {}, True
+    for n_rows, d in ((32 * 197, 768), (4 * 197, 768), (100 * 11, 512), (32 * 257, 1024)):
+        for seed in (12345, 2**40 + 7):
+            x = torch.randn(n_rows, d, device=device).to(torch.bfloat16)
+            a = [torch.randn(2, d, device=device) * 0.05 for _ in range(3)]
+            gen = torch.Generator(device=device).manual_seed(seed)
+            draws = Draws(gen, torch.tensor([seed], device=device))
+            with drawing_from(draws):  # what torch's dropout draws from this generator: one draw, then q, k, v
+                torch.native_dropout(x, p, True)
+                ref = [torch.native_dropout(x, p, True) for _ in range(3)]
+            threads, inc = lt.layout(x.numel(), x.device)
+            xa, bits = lt.forward(x, a, draws.seed, [inc * (1 + j) for j in range(3)], p, threads, 1.0)
+            h = xa[:, d:]
+            shifts = torch.arange(4, device=device, dtype=torch.int32)  # bit q of byte g: element 4 g + q
+            keep = ((bits[..., None].to(torch.int32) >> shifts) & 1).reshape(3, n_rows, d).bool()
+            equal = [bool(torch.equal(keep[j], ref[j][1])) for j in range(3)]
+            rel = max(float((h[:, j * lt.HW:j * lt.HW + 2].float() - (ref[j][0] @ a[j].to(torch.bfloat16).t()).float())
+                            .norm() / (ref[j][0] @ a[j].to(torch.bfloat16).t()).float().norm()) for j in range(3))
+            cases[f"{n_rows}x{d}-seed{seed}"] = {"masks_equal_qkv": equal, "h_rel_frobenius_max": rel,
+                                                 "threads": threads, "offset_increment": inc}
+            ok = ok and all(equal) and rel < 1e-2
+            print("adapter_kernel", n_rows, d, seed, equal, f"{rel:.2e}", flush=True)
+    return {"pass": ok, "cases": cases}
 
 
 def synthetic_scene(width: int, height: int, seed: int):
@@ -323,7 +357,8 @@ def main():
     ap.add_argument("--methods", nargs="+", default=None, help="default: every method")
     ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"],
                     help="micro x accumulation for the graph check; '32x1+8': every other batch has 8 images")
-    ap.add_argument("--checks", nargs="+", default=list(TRAINING_CHECKS), choices=(*TRAINING_CHECKS, "eval_input"))
+    ap.add_argument("--checks", nargs="+", default=list(TRAINING_CHECKS),
+                    choices=(*TRAINING_CHECKS, "eval_input", "adapter_kernel"))
     ap.add_argument("--protocol-methods", nargs="+", default=["lora", "qlora", "qlora_gc"])
     ap.add_argument("--device", default="cuda", help="eval_input only: cpu runs it without a GPU")
     args = ap.parse_args()
@@ -333,12 +368,15 @@ def main():
         if "eval_input" in args.checks:
             (Path(tmp) / "eval_input").mkdir()
             out["eval_input"] = eval_input(Path(tmp) / "eval_input", args.device)
+        if "adapter_kernel" in args.checks:
+            out["adapter_kernel"] = adapter_kernel_masks(args.device)
         if set(args.checks) & set(TRAINING_CHECKS):
             out.update(training_checks(args, Path(tmp)))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "gpu_checks.json" if set(args.checks) & set(TRAINING_CHECKS) else "gpu_checks_eval_input.json"
+    name = ("gpu_checks.json" if set(args.checks) & set(TRAINING_CHECKS)
+            else f"gpu_checks_{'_'.join(sorted(args.checks))}.json")
     (Path(args.out) / name).write_text(json.dumps(out, indent=2))
-    if "eval_input" in args.checks and not out["eval_input"]["pass"]:
+    if any(not out[c]["pass"] for c in ("eval_input", "adapter_kernel") if c in args.checks):
         sys.exit(1)
 
 

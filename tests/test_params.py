@@ -51,6 +51,7 @@ BAD = [
     ("lora.targets", ["q", "q"], ["lora.targets", "distinct"]),
     ("lora.scaling", "none", ["lora.scaling", "'none'", "rslora, standard"]),
     ("train.schedule", "linear", ["train.schedule", "'linear'", "cosine, constant"]),
+    ("train.adapter_kernel", "cuda", ["train.adapter_kernel", "'cuda'", "triton, torch"]),
     ("model.compute_dtype", "fp8", ["model.compute_dtype", "'fp8'", "bf16"]),
     ("model.device", "tpu", ["model.device", "'tpu'", "cuda:N"]),
     ("data.template", "fancy", ["data.template", "'fancy'", "clip, coop"]),

@@ -212,3 +212,46 @@ def test_layernorms_switch_only_where_their_weights_are_exact_in_the_compute_dty
     assert out.dtype == torch.bfloat16
     assert (out.float() - reference).abs().max() <= 2 ** -7 * reference.abs().max()  # one bf16 rounding
     assert exact(x.float()).dtype == torch.float32  # fp32 input: the module's own forward, unchanged
+
+
+def test_adapter_kernel_triton_only_where_the_kernels_alone_draw(saved_bases, tiny_params):
+    """train.adapter_kernel triton is kept when q, k, v are the only adapters drawing masks; an adapted out
+    projection would draw after them from torch's generator, which the kernels do not advance: torch path."""
+    p = copy.deepcopy(tiny_params)
+    p.train.adapter_kernel = "triton"
+    run = _run(saved_bases, p, "lora", True)
+    kernels = {m.fused_qkv.kernel for m in run.clip.modules() if getattr(m, "fused_qkv", None)}
+    assert kernels == {"triton"} and run.blocks.seeds is not None
+    p.lora.targets = ["q", "k", "v", "out"]
+    run = _run(saved_bases, p, "lora", True)
+    assert {m.fused_qkv.kernel for m in run.clip.modules() if getattr(m, "fused_qkv", None)} == {"torch"}
+
+
+def test_adapter_kernel_changes_nothing_on_a_cpu(saved_bases, tiny_params):
+    """Without a GPU (and outside Triton's interpreter) the triton setting runs the torch path: same loss and
+    gradients bit for bit, and the generators' offsets are the only draws."""
+    runs = []
+    for kernel in ("torch", "triton"):
+        p = copy.deepcopy(tiny_params)
+        p.train.adapter_kernel = kernel
+        runs.append(_run(saved_bases, p, "lora", True))
+    x, y = _batch(runs[0])
+    (l0, g0), (l1, g1) = _grads(runs[0], x, y), _grads(runs[1], x, y)
+    assert l0 == l1 and all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert all(s.forward.offset == 0 for s in runs[1].blocks.streams)  # nothing drew through blocks.Draws
+
+
+def test_block_seeds_on_the_device_follow_the_generators(saved_bases, tiny_params):
+    """blocks.Draws: seed() writes every block's seed where a captured kernel reads it and restarts the offsets;
+    take() hands out torch's offsets (increments rounded up to 4)."""
+    from clip_qlora.core.seeds import mix
+
+    run = _run(saved_bases, tiny_params, "lora", True)
+    blocks = run.blocks
+    draws = blocks.streams[0].forward
+    assert draws.take(20) == 0 and draws.take(6) == 20 and draws.take(4) == 28 and draws.offset == 32
+    blocks.seed(1234)
+    assert draws.offset == 0
+    assert blocks.seeds.tolist() == [mix(1234, 7919 * (i + 1)) for i in range(len(blocks.streams))]
+    assert [s.forward.generator.initial_seed() for s in blocks.streams] == blocks.seeds.tolist()
+    assert all(int(s.forward.seed) == v for s, v in zip(blocks.streams, blocks.seeds.tolist()))

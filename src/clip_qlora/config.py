@@ -28,6 +28,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # model.com
 SCALINGS = ("rslora", "standard")
 SCHEDULES = ("cosine", "constant")
 BATCHINGS = ("epochs", "full")
+ADAPTER_KERNELS = ("triton", "torch")  # core/qkv.py
 SPLIT_DRAWS = ("clip_lora", "keyed")  # data/draw.py implements them (it imports this; config imports no data code)
 DECODES = ("reference", "fast")  # data/images.py eval_batches
 
@@ -98,6 +99,7 @@ class Train:
     min_lr: float
     logit_scale: float
     fused_qkv: bool
+    adapter_kernel: str
 
     @property
     def micro_batch(self) -> int:
@@ -298,6 +300,7 @@ def validate(p: Params) -> Params:
         raise _bad("train.min_lr", t.min_lr, f"at most train.lr ({t.lr})")
     t.logit_scale = _num("train.logit_scale", t.logit_scale)
     _bool("train.fused_qkv", t.fused_qkv)
+    _choice("train.adapter_kernel", t.adapter_kernel, ADAPTER_KERNELS)
     _int("eval.batch_size", p.eval.batch_size)
     _choice("eval.decode", p.eval.decode, DECODES)
     r = p.runtime

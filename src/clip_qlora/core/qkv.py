@@ -16,6 +16,9 @@ The mathematics is PEFT's LoRA: y_j = x W_j^T + b_j + s * B_j A_j dropout_j(x), 
 drawn in PEFT's order (q, k, v) by the same kernel from the same generator, so every mask is today's. What
 differs is the order of floating-point operations (GEMM kernels, one rounding fewer on the adapter branch):
 the parameters are still PEFT's rank-r tensors, saved in PEFT's format. `train.fused_qkv` chooses it.
+
+On a GPU, `train.adapter_kernel: triton` runs the adapter branch in two Triton kernels instead (lora_triton.py:
+x read once, the three masks drawn there as torch draws them, kept as bits); `torch` keeps `_QKV` below.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
 ALIGN = 8  # bf16 elements per 16 bytes: cuBLAS's fast kernels want leading dimensions that are multiples
+HW = ALIGN  # the Triton path's adapter columns per matrix in [x | h] and [W | Bblk] (lora_triton reads it)
 
 
 def _padded(r: int) -> int:
@@ -79,6 +83,45 @@ class _QKV(torch.autograd.Function):
         return (gx, None, *ga, *gb)
 
 
+class _QKVTriton(torch.autograd.Function):
+    """`_QKV` with the adapter branch in lora_triton's kernels: the same masks, products and rounding points
+    but for the order of the sums.
+
+    Forward: one kernel draws the masks and writes xa = [x | s h], h = [dq(x) Aq^T | dk(x) Ak^T | dv(x) Av^T]
+    at rank padded to 8; one GEMM y = xa [W | Bblk]^T + b then gives the base and adapter outputs together
+    (Bblk: the three B's on a block diagonal). Backward: one GEMM g = gy [W | Bblk] gives gx's base part and
+    gy B; one kernel adds the masked s (gy B) A into gx and sums A's gradients; B's gradients are the diagonal
+    blocks of gy^T (s h).
+    """
+
+    @staticmethod
+    def forward(ctx, x, proj, seed, threads, offsets, *lora):
+        from clip_qlora.core import lora_triton as lt
+
+        a, b = lora[:3], lora[3:]
+        wa = proj.augmented(b)
+        xa, bits = lt.forward(x, a, seed, offsets, proj.p, threads, proj.scale)
+        y = torch.addmm(proj.bias, xa, wa.t()) if proj.bias is not None else xa @ wa.t()
+        ctx.proj, ctx.r = proj, a[0].shape[0]
+        ctx.save_for_backward(xa, bits, *a, *b)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        from clip_qlora.core import lora_triton as lt
+
+        proj, r = ctx.proj, ctx.r
+        xa, bits, *lora = ctx.saved_tensors
+        a, b = lora[:3], lora[3:]
+        d = xa.shape[1] - 3 * lt.HW
+        gy = gy.contiguous()
+        g = gy @ proj.augmented(b)                                       # (N, d + 3 HW): [gx | gy B]
+        gbs = gy.t() @ xa[:, d:]                                         # (3d, 3 HW): B's gradients on the diagonal
+        gb = [gbs[j * d:(j + 1) * d, j * lt.HW:j * lt.HW + r].to(a[0].dtype) for j in range(3)]
+        ga = lt.backward(xa, bits, g, a, proj.p, proj.scale)
+        return (g[:, :d], None, None, None, None, *ga, *gb)
+
+
 class FusedQKV:
     """What `_QKV` needs of one SplitAttention whose q_proj, k_proj and v_proj are PEFT LoRA layers.
 
@@ -86,9 +129,10 @@ class FusedQKV:
     see nothing new); this only holds references to them and the stacked frozen weight.
     """
 
-    def __init__(self, attn: nn.Module, adapter: str = "default"):
+    def __init__(self, attn: nn.Module, adapter: str = "default", kernel: str = "torch"):
         mods = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.adapter = adapter
+        self.kernel = kernel  # train.adapter_kernel: triton where it can run (a GPU, or Triton's interpreter)
         self._mods = mods
         drop = mods[0].lora_dropout[adapter]
         self.p = drop.p if isinstance(drop, nn.Dropout) else 0.0
@@ -129,6 +173,21 @@ class FusedQKV:
             dequantize_4bit(l.weight.data, l.weight.quant_state, out=out[j * d_out:(j + 1) * d_out])
         return out
 
+    def augmented(self, b: list[torch.Tensor]) -> torch.Tensor:
+        """[W | Bblk] (3d, d_in + 3 HW) in the compute dtype: the stacked base weight, then B_q, B_k, B_v (cast
+        as torch's path casts them) in columns j HW .. j HW + r of the last 3 HW, zero elsewhere.
+
+        Built for each use, not kept: a kept one would hold 3 HW columns of zeros per block for good (2 MiB on
+        ViT-B/16), counted in the frozen bytes the study compares between arms; the copy costs ~2 us."""
+        w = self.weight()
+        d, d_in = w.shape[0] // 3, w.shape[1]
+        out = torch.empty(w.shape[0], d_in + 3 * HW, dtype=w.dtype, device=w.device)
+        out[:, :d_in] = w
+        out[:, d_in:] = 0
+        for j in range(3):
+            out[j * d:(j + 1) * d, d_in + j * HW:d_in + j * HW + b[j].shape[1]] = b[j]
+        return out
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -136,8 +195,24 @@ class FusedQKV:
         lora = [m.lora_A[self.adapter].weight for m in self._mods] + [m.lora_B[self.adapter].weight
                                                                         for m in self._mods]
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit inside
-            y = _QKV.apply(x2.to(w_dtype), self, *lora)
+            x2 = x2.to(w_dtype)
+            triton_args = self._triton_args(x2, lora[0].shape[0])
+            y = _QKVTriton.apply(x2, self, *triton_args, *lora) if triton_args else _QKV.apply(x2, self, *lora)
         return y.view(*shape[:-1], y.shape[-1])
+
+    def _triton_args(self, x: torch.Tensor, r: int):
+        """(seed, threads, offsets) for the Triton path, or None where `_QKV` runs: no dropout, no block
+        generator drawing now, an input torch would draw for in another layout, or no GPU to run on."""
+        if self.kernel != "triton" or self.p == 0:
+            return None
+        from clip_qlora.core import blocks
+        from clip_qlora.core import lora_triton as lt
+
+        draws = blocks.current()
+        if draws is None or draws.seed is None or not lt.usable(x, r) or not (x.is_cuda or lt.interpreting()):
+            return None
+        threads, increment = lt.layout(x.numel(), x.device)
+        return draws.seed, threads, [draws.take(increment) for _ in range(3)]  # q, k, v: torch's order
 
 
 def _stack_4bit(bases: list) -> tuple | None:
@@ -174,15 +249,22 @@ def _drop_p(m, adapter) -> float:
     return drop.p if isinstance(drop, nn.Dropout) else 0.0
 
 
-def fuse(clip: nn.Module, adapter: str = "default") -> int:
+def fuse(clip: nn.Module, adapter: str = "default", kernel: str = "torch") -> int:
     """Give every SplitAttention whose q, k and v all carry the adapter the fused training path; the others
-    (lora.targets or lora.layers leaving some out) keep PEFT's modules. Returns how many were fused."""
+    (lora.targets or lora.layers leaving some out) keep PEFT's modules. Returns how many were fused.
+
+    kernel (train.adapter_kernel): "triton" only where q, k and v are the only adapters drawing dropout masks
+    (the kernels do not advance torch's generator, so a later draw in the block would get other masks)."""
     from clip_qlora.core.model import SplitAttention
 
+    if kernel == "triton" and any(isinstance(m, LoraLayer) and _drop_p(m, adapter) > 0
+                                  and not any(name.endswith(t) for t in ("q_proj", "k_proj", "v_proj"))
+                                  for name, m in clip.named_modules() if isinstance(m, LoraLayer)):
+        kernel = "torch"
     n = 0
     for m in clip.modules():
         if isinstance(m, SplitAttention) and all(isinstance(p, LoraLayer) and adapter in p.lora_A
                                                  for p in (m.q_proj, m.k_proj, m.v_proj)):
-            m.fused_qkv = FusedQKV(m, adapter)
+            m.fused_qkv = FusedQKV(m, adapter, kernel)
             n += 1
     return n

@@ -114,9 +114,11 @@ def run_on_model(model: nn.Module, meta: dict, method: str, prompts: list[str], 
     compute_dtype = getattr(torch, meta["compute_dtype"])
     if runtime.layernorm_in_compute_dtype and compute_dtype != torch.float32:
         layernorms_in_compute_dtype(clip, compute_dtype)
+    # the Triton adapter kernels draw dropout masks themselves: they read each block's seed on the device
+    triton_kernel = train.fused_qkv and train.adapter_kernel == "triton"
+    blocks = BlockDropout(clip, gc, device, device_seeds=triton_kernel)
     if train.fused_qkv:
-        qkv.fuse(clip)
-    blocks = BlockDropout(clip, gc, device)
+        qkv.fuse(clip, kernel=train.adapter_kernel)
     peft_model.train()
     t = train
     trainable = ad.trainable_parameters(peft_model)
