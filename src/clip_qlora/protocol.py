@@ -47,11 +47,13 @@ FAST_DECODE = ("Evaluation inputs: decoded and resized by torchvision on the eva
                "the reference's pixels on an H200.")
 
 
-# train.fused_qkv (qkv.py; benchmarks/results/2026-12-04-nvidia-h200-step.md)
+# train.fused_qkv, train.adapter_kernel (qkv.py, lora_triton.py; benchmarks/results/2026-12-04-nvidia-h200-step.md,
+# -adapter-kernel.md)
 FUSED_QKV = ("Adapter arithmetic: each block's q, k, v adapters run in one function at a rank padded with zeros "
-             "(train.fused_qkv), PEFT's mathematics and dropout masks in another float rounding order than "
-             "PEFT's per-matrix modules; on an H200 it moved the adapters after 200 steps about as far as "
-             "swapping only the attention kernel does (a few percent, Frobenius).")
+             "(train.fused_qkv; on a GPU in Triton kernels that draw the same masks, train.adapter_kernel), "
+             "PEFT's mathematics and dropout masks in another float rounding order than PEFT's per-matrix "
+             "modules; on an H200 each of the two moved the adapters after 200 steps about as far as swapping "
+             "only the attention kernel does (a few percent, Frobenius).")
 
 
 def with_evaluation(record: dict, eval_metrics: dict | None) -> dict:
