@@ -255,3 +255,25 @@ def test_block_seeds_on_the_device_follow_the_generators(saved_bases, tiny_param
     assert blocks.seeds.tolist() == [mix(1234, 7919 * (i + 1)) for i in range(len(blocks.streams))]
     assert [s.forward.generator.initial_seed() for s in blocks.streams] == blocks.seeds.tolist()
     assert all(int(s.forward.seed) == v for s, v in zip(blocks.streams, blocks.seeds.tolist()))
+
+
+def test_adapter_kernel_without_triton_falls_back_once(saved_bases, tiny_params, monkeypatch, caplog):
+    """A torch build without Triton: the triton setting runs the torch path and says so once, not per call."""
+    import sys
+
+    from clip_qlora.core import blocks
+
+    p = copy.deepcopy(tiny_params)
+    p.train.adapter_kernel = "triton"
+    run = _run(saved_bases, p, "lora", True)
+    fused = run.clip.visual.transformer.resblocks[0].attn.fused_qkv
+    import clip_qlora.core
+
+    monkeypatch.setitem(sys.modules, "clip_qlora.core.lora_triton", None)  # import raises ImportError
+    monkeypatch.delattr(clip_qlora.core, "lora_triton", raising=False)   # (if an earlier test imported it)
+    x = torch.randn(2, 5, fused._mods[0].in_features)
+    with caplog.at_level("WARNING"), blocks.drawing_from(run.blocks.streams[0].forward):
+        fused(x)
+        fused(x)
+    assert fused.kernel == "torch"
+    assert sum("Triton cannot be imported" in r.message for r in caplog.records) == 1

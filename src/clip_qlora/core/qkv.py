@@ -22,10 +22,14 @@ x read once, the three masks drawn there as torch draws them, kept as bits); `to
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+
+log = logging.getLogger(__name__)
 
 ALIGN = 8  # bf16 elements per 16 bytes: cuBLAS's fast kernels want leading dimensions that are multiples
 HW = ALIGN  # the Triton path's adapter columns per matrix in [x | h] and [W | Bblk] (lora_triton reads it)
@@ -206,7 +210,12 @@ class FusedQKV:
         if self.kernel != "triton" or self.p == 0:
             return None
         from clip_qlora.core import blocks
-        from clip_qlora.core import lora_triton as lt
+        try:
+            from clip_qlora.core import lora_triton as lt
+        except ImportError as e:  # a torch build without Triton: the same masks through the torch path
+            log.warning("train.adapter_kernel triton: Triton cannot be imported (%s); running the torch kernels", e)
+            self.kernel = "torch"
+            return None
 
         draws = blocks.current()
         if draws is None or draws.seed is None or not lt.usable(x, r) or not (x.is_cuda or lt.interpreting()):
