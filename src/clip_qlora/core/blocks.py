@@ -137,7 +137,11 @@ class BlockDropout:
                     draws.generator.manual_seed(value)
                     draws.offset = 0
         if self.seeds is not None:
-            self.seeds.copy_(torch.tensor(values, dtype=torch.int64))
+            host = torch.tensor(values, dtype=torch.int64)
+            # pinned and non-blocking: a pageable copy would make the host wait for the step still running on
+            # the GPU (the training loop syncs once per logging window, not per step); the copy is queued on
+            # the current stream, before the kernels that read the seeds
+            self.seeds.copy_(host.pin_memory() if self.seeds.is_cuda else host, non_blocking=True)
 
     def generators(self) -> list[torch.Generator]:
         """Every generator the blocks draw from (a CUDA graph must register them before capture)."""
