@@ -220,7 +220,8 @@ def floor_ms(flops: float, peak_tflops: float) -> float:
 
 # ---- kernel traces ------------------------------------------------------------------------------------
 
-CATEGORIES = ("gemm", "attention", "dequantize/NF4", "elementwise/norm/softmax", "memcpy", "other")
+CATEGORIES = ("gemm", "attention", "dequantize/NF4", "lora adapters (Triton)", "elementwise/norm/softmax", "memcpy",
+              "other")
 
 
 def category(name: str, cat: str = "kernel") -> str:
@@ -234,6 +235,8 @@ def category(name: str, cat: str = "kernel") -> str:
         return "dequantize/NF4"
     if "multi_tensor" in n or "adam" in n:  # the fused AdamW over the adapters
         return "other"
+    if "lora_qkv" in n:  # core/lora_triton.py (train.adapter_kernel triton): masks, dropout and rank-r products
+        return "lora adapters (Triton)"
     if n.startswith(("triton_poi", "triton_per", "triton_red")):  # inductor's fused pointwise/reductions
         return "elementwise/norm/softmax"
     if n.startswith("triton_tem") or any(k in n for k in (

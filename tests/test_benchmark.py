@@ -129,3 +129,17 @@ def test_step_check_tells_equal_steps_from_different_ones(tmp_path):
         assert f["adapter_max_rel_frobenius"] < 1e-4 and f["within_1e-3"]
         assert lr["methods"][m]["adapter_max_rel_frobenius"] > 1e-2 and not lr["methods"][m]["within_1e-3"]
     assert json.loads((tmp_path / "step_check.json").read_text())["candidate"] == ["train.lr=4e-4"]
+
+
+@pytest.mark.parametrize("kernel,expected", [
+    ("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+    ("kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>", "dequantize/NF4"),
+    ("_lora_qkv_forward", "lora adapters (Triton)"),   # core/lora_triton.py's kernels, by their names
+    ("_lora_qkv_backward", "lora adapters (Triton)"),
+    ("at::native::vectorized_layer_norm_kernel<c10::BFloat16, float, false>", "elementwise/norm/softmax"),
+    ("at::native::multi_tensor_apply_kernel<at::native::FusedOptimizerTensorListMetadata>", "other"),
+])
+def test_step_profile_sorts_the_steps_kernels(kernel, expected):
+    """The profile's category table: each kind of kernel the H200 profiles listed lands in its own row."""
+    assert load_benchmark("step_profile").category(kernel) == expected

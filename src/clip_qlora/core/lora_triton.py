@@ -55,7 +55,7 @@ def _device_shape(index: int) -> tuple[int, int]:
 
 def interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1 before import): the tests run the kernels there."""
-    return type(_forward_kernel).__name__ == "InterpretedFunction"  # decided when the kernels were decorated
+    return type(_lora_qkv_forward).__name__ == "InterpretedFunction"  # decided when the kernels were decorated
 
 
 INTERPRETER_DEVICE = (1, 256)  # (SMs, threads per SM) the layout assumes for tensors on the CPU: small, so
@@ -134,7 +134,7 @@ def _fwd_matrix(x0, x1, x2, x3, a_ptr, bits_ptr, seed, counter, thread, rows, ro
 
 
 @triton.jit
-def _forward_kernel(x_ptr, aq_ptr, ak_ptr, av_ptr, xa_ptr, bits_ptr, seed_ptr, N, D, LDA, threads, base_q,
+def _lora_qkv_forward(x_ptr, aq_ptr, ak_ptr, av_ptr, xa_ptr, bits_ptr, seed_ptr, N, D, LDA, threads, base_q,
                     base_k, base_v, p, scale, lora_scale, R: tl.constexpr, BM: tl.constexpr, G: tl.constexpr,
                     F32_DOT: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -197,7 +197,7 @@ def _backward_one(x, gx, a_ptr, bits_ptr, g_ptr, ga_ptr, rows, cols, col0, row_o
 
 
 @triton.jit
-def _backward_kernel(x_ptr, g_ptr, aq_ptr, ak_ptr, av_ptr, bits_ptr, ga_ptr, N, D, LDX, LDG, scale, lora_scale,
+def _lora_qkv_backward(x_ptr, g_ptr, aq_ptr, ak_ptr, av_ptr, bits_ptr, ga_ptr, N, D, LDX, LDG, scale, lora_scale,
                      R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, F32_DOT: tl.constexpr):
     """g = gy [W | B] (N, D + 3 HW): gx in its first D columns (updated in place), gy B after them."""
     pm = tl.program_id(0)
@@ -241,7 +241,7 @@ def forward(x: torch.Tensor, a: list[torch.Tensor], seed: torch.Tensor, offsets:
     bits = torch.empty(3, n, d // 4, dtype=torch.uint8, device=x.device)
     keep = 1.0 - p
     bm, g, warps = tiles or FWD_TILES
-    _forward_kernel[(triton.cdiv(n, bm),)](
+    _lora_qkv_forward[(triton.cdiv(n, bm),)](
         x, *a, xa, bits, seed, n, d, d + 3 * HW, threads, *(o // 4 for o in offsets), keep, 1.0 / keep, lora_scale,
         R=r, BM=bm, G=g, F32_DOT=interpreting(), num_warps=warps)
     return xa, bits
@@ -258,7 +258,7 @@ def backward(xa: torch.Tensor, bits: torch.Tensor, g: torch.Tensor, a: list[torc
     bm, bk, warps = tiles or BWD_TILES
     row_tiles = triton.cdiv(n, bm)
     partial = torch.empty(row_tiles, 3, r, d, dtype=torch.float32, device=xa.device)
-    _backward_kernel[(row_tiles, triton.cdiv(d, bk))](
+    _lora_qkv_backward[(row_tiles, triton.cdiv(d, bk))](
         xa, g, *a, bits, partial, n, d, xa.stride(0), g.stride(0), 1.0 / (1.0 - p), lora_scale, R=r, BM=bm, BK=bk,
         F32_DOT=interpreting(), num_warps=warps)
     ga = partial.sum(0).to(torch.bfloat16).to(torch.float32)
