@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from clip_qlora.core.base import make_base, save_base  # noqa: E402
+from clip_qlora.core.model import stand_in_quick_gelu  # noqa: E402
 from clip_qlora.core import backends
 from clip_qlora import config  # noqa: E402
 from clip_qlora.jobs.profile import synthetic_prompts  # noqa: E402
@@ -148,7 +149,8 @@ def main(argv=None) -> None:
     base = backends.METHODS[a.method].base
     with tempfile.TemporaryDirectory() as tmp:
         # built on the CPU: what building leaves in this process must not count as the step's memory
-        model, meta = make_base(a.arch, "none", base, backends.get(base).settings(p), torch.bfloat16, "cpu")
+        model, meta = make_base(a.arch, "none", base, backends.get(base).settings(p), torch.bfloat16, "cpu",
+                                stand_in_quick_gelu(a.arch, p.model))  # the study's activation
         save_base(model, meta, Path(tmp))
         del model
         torch.manual_seed(0)

@@ -385,6 +385,7 @@ def training_checks(args, tmp: Path) -> dict:
     from clip_qlora.core import backends
     from clip_qlora import config
     from clip_qlora.core.base import make_base, save_base
+    from clip_qlora.core.model import stand_in_quick_gelu
     from clip_qlora.runtime.io import versions
     from clip_qlora.runtime.processes import FreshProcesses
 
@@ -392,7 +393,8 @@ def training_checks(args, tmp: Path) -> dict:
     study = config.load_with()
     for base in backends.BACKENDS:
         s = backends.get(base).settings(study)
-        m, meta = make_base("ViT-B-16", "none", base, s, torch.bfloat16, "cuda")
+        m, meta = make_base("ViT-B-16", "none", base, s, torch.bfloat16, "cuda",
+                            stand_in_quick_gelu("ViT-B-16", study.model))  # the study's activation
         save_base(m, meta, tmp / base)
         if s and s.get("expand_absmax"):  # the straightforward twin: the same tensors, absmax kept 8-bit
             save_base(m, {**meta, "settings": {**s, "expand_absmax": False}}, tmp / f"{base}-straight")

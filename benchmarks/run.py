@@ -271,7 +271,10 @@ def ratio(rows: dict, key: str, field: str):
 def markdown(res: dict) -> str:
     c, rows = res["config"], res["rows"]
     v = res["versions"]
+    act = {"quick_gelu": "QuickGELU", "gelu": "GELU"}.get(c.get("activation"), "")
     lines = [f"# Ours vs the plain recipe: {c['arch']} on {res['gpu']} ({res['date']})", "",
+             *([f"Ours builds the activation the study trains: {act} (`model.quick_gelu` for `model.pretrained`; "
+                f"plain.py keeps open_clip's default for random weights)."] if act else []), "",
              f"{len(rows)} configurations{'' if res['complete'] else ' so far (run not finished)'}; "
              f"{c['n_classes']} classes, micro-batch = batch (no accumulation), compute dtype {c['compute_dtype']}, "
              f"{c['warmup']} warm-up + {c['steps']} timed steps each; step = median of the timed steps, "
@@ -359,7 +362,7 @@ def main(argv=None) -> dict:
     from clip_qlora.core.base import make_base, resolve_device, resolve_dtype, save_base
     from clip_qlora import config
     from clip_qlora.runtime.io import UserError
-    from clip_qlora.core.model import register_configs
+    from clip_qlora.core.model import register_configs, stand_in_quick_gelu
     from clip_qlora.core.step import groups_of
     from clip_qlora.runtime.processes import FreshProcesses
     from clip_qlora.jobs.profile import measure
@@ -401,6 +404,8 @@ def main(argv=None) -> dict:
     except UserError as e:
         raise SystemExit(f"--set/--cublas-workspace-kib: {e}") from None
     res["config"]["cublas_workspace_kib"] = params.runtime.cublas_workspace_kib  # what ours ran with
+    quick_gelu = stand_in_quick_gelu(args.arch, params.model)  # the activation the study trains (ours only)
+    res["config"]["activation"] = "quick_gelu" if quick_gelu else "gelu"
     failed = False
     # ahead=0: no spare process imports while a row is measured (the rows' step times are the benchmark's)
     with tempfile.TemporaryDirectory(prefix="clip-qlora-bench-") as tmp, FreshProcesses(device, ahead=0) as call:
@@ -408,7 +413,8 @@ def main(argv=None) -> dict:
         for base in sorted({METHODS[m].base for m in methods} if "ours" in args.recipes else ()):
             t0 = time.perf_counter()
             try:
-                model, meta = make_base(args.arch, "none", base, backends.get(base).settings(params), dtype, device)
+                model, meta = make_base(args.arch, "none", base, backends.get(base).settings(params), dtype, device,
+                                        quick_gelu)
                 save_base(model, meta, Path(tmp) / base)
                 del model
                 base_dirs[base] = Path(tmp) / base

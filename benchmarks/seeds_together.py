@@ -130,6 +130,7 @@ def main() -> None:
     from clip_qlora.core import backends
     from clip_qlora import config
     from clip_qlora.core.base import make_base, read_base, save_base
+    from clip_qlora.core.model import stand_in_quick_gelu
     from clip_qlora.data.images import TrainImages
     from clip_qlora.core.step import build_run, optimizer_step, groups_of
     from clip_qlora.data.batches import make_micro_batches
@@ -137,11 +138,13 @@ def main() -> None:
     from clip_qlora.core.seeds import mix as _step_seed
 
     p = config.load(REPO / "params.yaml")
+    quick_gelu = stand_in_quick_gelu("ViT-B-16", p.model)  # the activation of the weights random ones stand in for
     p.model.pretrained = "none"
     device = "cuda"
     tmp = Path(tempfile.mkdtemp())
     for base in backends.BACKENDS:
-        model, meta = make_base("ViT-B-16", "none", base, backends.get(base).settings(p), torch.bfloat16, device)
+        model, meta = make_base("ViT-B-16", "none", base, backends.get(base).settings(p), torch.bfloat16, device,
+                                quick_gelu)
         save_base(model, meta, tmp / base)
         del model
     torch.cuda.empty_cache()

@@ -119,7 +119,7 @@ def main(argv=None):
     from clip_qlora import config
     from clip_qlora.core.backends import METHODS
     from clip_qlora.core.base import make_base, resolve_device, resolve_dtype, save_base
-    from clip_qlora.core.model import register_configs
+    from clip_qlora.core.model import register_configs, stand_in_quick_gelu
     from clip_qlora.jobs.profile import synthetic_prompts
 
     register_configs()
@@ -136,7 +136,8 @@ def main(argv=None):
         for method in a.methods:
             base = METHODS[method].base
             if not (Path(tmp) / base).exists():
-                model, meta = make_base(a.arch, "none", base, backends.get(base).settings(cand_p), dtype, device)
+                model, meta = make_base(a.arch, "none", base, backends.get(base).settings(cand_p), dtype, device,
+                                        stand_in_quick_gelu(a.arch, cand_p.model))  # the study's activation
                 save_base(model, meta, Path(tmp) / base)
                 del model
             t0 = time.perf_counter()

@@ -376,6 +376,7 @@ def build_all(args, ctx) -> dict:
     import torch
     from clip_qlora.core import backends
     from clip_qlora.core.base import make_base, save_base
+    from clip_qlora.core.model import stand_in_quick_gelu
     from clip_qlora.jobs.profile import measure_run, synthetic_prompts
     from clip_qlora.core.step import build_run, groups_of
     from clip_qlora.core.graphs import make_step
@@ -387,7 +388,8 @@ def build_all(args, ctx) -> dict:
     base_dirs = {}
     for base in sorted({backends.METHODS[m].base for m in args.methods}):
         t0 = time.perf_counter()
-        model, meta = make_base(args.arch, "none", base, backends.get(base).settings(params), dtype, device)
+        model, meta = make_base(args.arch, "none", base, backends.get(base).settings(params), dtype, device,
+                                stand_in_quick_gelu(args.arch, params.model))  # the study's activation
         save_base(model, meta, Path(tmp) / base)
         del model
         bench.free(device)
@@ -841,7 +843,8 @@ def fmt_tf(x):
 def summary_text(res: dict) -> str:
     c, env = res["config"], res.get("environment", {})
     peak = c["peak_tflops"]
-    L = [f"clip-qlora step profile: {c['arch']}, batch {c['batch']}, {c['n_classes']} classes, "
+    act = {True: "QuickGELU", False: "GELU"}.get(c.get("quick_gelu"), "?")
+    L = [f"clip-qlora step profile: {c['arch']} ({act}), batch {c['batch']}, {c['n_classes']} classes, "
          f"methods {c['methods']} on {env.get('gpu')} ({c['device']})",
          f"versions {env.get('versions')}, cuDNN {env.get('cudnn')}, SDPA flags cudnn/flash/efficient "
          f"{env.get('cudnn_sdp_enabled')}/{env.get('flash_sdp_enabled')}/{env.get('mem_efficient_sdp_enabled')}; "
@@ -985,7 +988,7 @@ def main(argv=None) -> int:
     import yaml
     from clip_qlora import config
     from clip_qlora.core.base import resolve_device, resolve_dtype
-    from clip_qlora.core.model import register_configs
+    from clip_qlora.core.model import register_configs, stand_in_quick_gelu
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -1002,7 +1005,8 @@ def main(argv=None) -> int:
                       "profile_steps": args.profile_steps, "compile": args.compile, "set": args.set,
                       "peak_tflops": args.peak_tflops, "cuda_graph": params.runtime.cuda_graph,
                       "cublas_workspace_kib": params.runtime.cublas_workspace_kib,
-                      "overlap_text": params.runtime.overlap_text, "command": " ".join(sys.argv)},
+                      "overlap_text": params.runtime.overlap_text, "command": " ".join(sys.argv),
+                      "quick_gelu": stand_in_quick_gelu(args.arch, params.model)},
            "flops": {}, "methods": {}, "micro": {}, "errors": []}
     log(f"{args.arch} b{args.batch} {args.n_classes} classes on {device}; methods {args.methods}; out {out}")
     with tempfile.TemporaryDirectory(prefix="step-profile-") as tmp:

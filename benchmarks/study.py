@@ -79,10 +79,14 @@ def project_dir(dest: Path, dataset: str, seeds: list[int], methods: list[str], 
                 iterations: int) -> None:
     import yaml
 
+    from clip_qlora import config
+    from clip_qlora.core.model import stand_in_quick_gelu
     from tools.demo import prepare_dir
 
+    # random weights, with the activation the configured weights train with (QuickGELU for OpenAI's ViT-B/16)
+    quick_gelu = stand_in_quick_gelu(arch, config.load(REPO / "params.yaml").model)
     over = {"datasets": [dataset], "methods": methods, "data": {"seeds": seeds, "root": "data/raw"},
-            "model": {"arch": arch, "pretrained": "none", "device": device},
+            "model": {"arch": arch, "pretrained": "none", "device": device, "quick_gelu": quick_gelu},
             "train": {"iterations_per_shot": iterations}}
     dest.parent.mkdir(parents=True, exist_ok=True)
     over_path = dest.parent / "study-overrides.yaml"

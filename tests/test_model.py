@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -124,6 +125,18 @@ def test_bad_model_settings(arch, pretrained, needle):
 ])
 def test_quick_gelu_resolution(arch, pretrained, setting, expected):
     assert M.resolve_quick_gelu(arch, pretrained, setting) is expected
+
+
+@pytest.mark.parametrize("arch,model,expected", [
+    ("ViT-B-16", dict(arch="ViT-B-16", pretrained="openai", quick_gelu="auto"), True),   # the study's: QuickGELU
+    ("ViT-B-16", dict(arch="ViT-B-16", pretrained="openai", quick_gelu=False), False),  # --set model.quick_gelu
+    ("ViT-B-16", dict(arch="clip-tiny", pretrained="none", quick_gelu="auto"), False),  # not the configured arch
+    ("ViT-L-14", dict(arch="ViT-B-16", pretrained="openai", quick_gelu="auto"), False),  # its own config: GELU
+])
+def test_benchmarks_build_the_studys_activation(arch, model, expected):
+    """Random weights standing in for the configured model run the function the study trains: speed and
+    memory depend on it (QuickGELU: three kernels and one more kept tensor per block)."""
+    assert M.stand_in_quick_gelu(arch, SimpleNamespace(**model)) is expected
 
 
 def _message(call) -> str:

@@ -130,6 +130,18 @@ def resolve_quick_gelu(arch: str, pretrained: str, setting) -> bool:
     return bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
 
 
+def stand_in_quick_gelu(arch: str, model) -> bool:
+    """The activation random weights standing in for the configured model's train with (the benchmarks).
+
+    model: params' model group. For `model.arch` it is what `model.pretrained` would run (`resolve_quick_gelu`:
+    QuickGELU for OpenAI's ViT-B/16, which the study trains); for another architecture, that architecture's
+    own. Speed and memory depend on the activation (QuickGELU is three elementwise kernels and keeps one more
+    tensor per block; GELU one), so a resource benchmark must build the function the study runs.
+    """
+    pretrained = model.pretrained if arch == model.arch else "none"
+    return resolve_quick_gelu(arch, pretrained, model.quick_gelu)
+
+
 def _is_local(pretrained: str) -> bool:
     path = Path(str(pretrained)).expanduser()
     return path.suffix in (".safetensors", ".pt", ".pth", ".bin") or path.exists()
