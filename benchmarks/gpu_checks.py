@@ -25,6 +25,9 @@
    dropout masks, bit for bit, for the shapes the study trains (image tokens at batch 32 and 4, the text
    tower's prompts, a wider model), seeds below and above 2^32, after an earlier draw from the generator;
    and the kernel's h is torch's dropped x times A^T within bf16 rounding. Needs only torch and Triton.
+6. quick_gelu: runtime.fused_activation's kernels (core/quick_gelu.py) against open_clip's QuickGELU on the GPU,
+   bit for bit, forward and backward (four random output gradients), for every finite bf16 input; also reports
+   how many bits differ with multiply-add contraction switched the other way. Needs torch, Triton, open_clip.
 """
 from __future__ import annotations
 
@@ -124,6 +127,40 @@ def protocol_time(base_dir, method, n_classes=100, shots=4):
 SIZES = [(500, 375), (375, 500), (1000, 700), (320, 240), (64, 64), (300, 200), (512, 384), (641, 427), (251, 333)]
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry",
                   "retina", "camera", "coins", "moon", "page", "text", "grass", "gravel", "brick", "clock")
+
+
+def quick_gelu_exact(device: str = "cuda") -> dict:
+    """Check 6 (see the module docstring)."""
+    from open_clip.transformer import QuickGELU
+
+    from clip_qlora.core import quick_gelu as Q
+
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(device)
+    x = x[torch.isfinite(x.float())].contiguous()
+    subnormal = (x.float().abs() < 2.0 ** -126) & (x != 0)
+    xt = x.clone().requires_grad_(True)
+    y_ref = QuickGELU()(xt)
+    grads = [(torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(s)) * 4)
+             .to(torch.bfloat16) for s in range(4)]
+    gx_ref = [torch.autograd.grad(y_ref, xt, g, retain_graph=True)[0] for g in grads]
+
+    def differ(a, b):  # elements whose bits differ: all, and at subnormal inputs
+        d = a.view(torch.int16) != b.view(torch.int16)
+        return int(d.sum()), int((d & subnormal).sum())
+
+    out, fusion = {"inputs": int(x.numel()), "subnormal_inputs": int(subnormal.sum())}, Q.FP_FUSION
+    try:
+        for variant in (fusion, not fusion):  # the shipped setting first; the other shows whether it matters
+            Q.FP_FUSION = variant
+            fwd = differ(Q.forward(x), y_ref.detach())
+            bwd = [differ(Q.backward(x, g), r) for g, r in zip(grads, gx_ref)]
+            out[f"fp_fusion_{variant}"] = {"forward_differ": fwd, "backward_differ": bwd}
+    finally:
+        Q.FP_FUSION = fusion
+    shipped = out[f"fp_fusion_{fusion}"]
+    out["pass"] = shipped["forward_differ"][0] == 0 and all(b[0] == 0 for b in shipped["backward_differ"])
+    print(f"quick_gelu: {json.dumps(out)} -> {'PASS' if out['pass'] else 'FAIL'}", flush=True)
+    return out
 
 
 def adapter_kernel_masks(device: str = "cuda", p: float = 0.25) -> dict:
@@ -358,7 +395,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["32x1", "4x8"],
                     help="micro x accumulation for the graph check; '32x1+8': every other batch has 8 images")
     ap.add_argument("--checks", nargs="+", default=list(TRAINING_CHECKS),
-                    choices=(*TRAINING_CHECKS, "eval_input", "adapter_kernel"))
+                    choices=(*TRAINING_CHECKS, "eval_input", "adapter_kernel", "quick_gelu"))
     ap.add_argument("--protocol-methods", nargs="+", default=["lora", "qlora", "qlora_gc"])
     ap.add_argument("--device", default="cuda", help="eval_input only: cpu runs it without a GPU")
     args = ap.parse_args()
@@ -370,13 +407,15 @@ def main():
             out["eval_input"] = eval_input(Path(tmp) / "eval_input", args.device)
         if "adapter_kernel" in args.checks:
             out["adapter_kernel"] = adapter_kernel_masks(args.device)
+        if "quick_gelu" in args.checks:
+            out["quick_gelu"] = quick_gelu_exact(args.device)
         if set(args.checks) & set(TRAINING_CHECKS):
             out.update(training_checks(args, Path(tmp)))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = ("gpu_checks.json" if set(args.checks) & set(TRAINING_CHECKS)
             else f"gpu_checks_{'_'.join(sorted(args.checks))}.json")
     (Path(args.out) / name).write_text(json.dumps(out, indent=2))
-    if any(not out[c]["pass"] for c in ("eval_input", "adapter_kernel") if c in args.checks):
+    if any(not out[c]["pass"] for c in ("eval_input", "adapter_kernel", "quick_gelu") if c in args.checks):
         sys.exit(1)
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 from stages.app import DebugOpt, MethodOpt, ParamsOpt, app, load_params, stage
 
 PARAMS = ("model.device", "lora", "train", "profile", "runtime.cuda_graph", "runtime.cublas_workspace_kib",
-          "runtime.overlap_text", "runtime.layernorm_in_compute_dtype")
+          "runtime.overlap_text", "runtime.layernorm_in_compute_dtype", "runtime.fused_activation")
 
 
 @app.command()

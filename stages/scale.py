@@ -6,7 +6,7 @@ from stages.app import DebugOpt, ParamsOpt, app, load_params, stage
 
 PARAMS = ("methods", "model.compute_dtype", "model.device", "quant", "lora", "train", "scale.batches",
           "scale.n_classes", "scale.warmup", "scale.steps", "runtime.cuda_graph", "runtime.cublas_workspace_kib",
-          "runtime.overlap_text", "runtime.layernorm_in_compute_dtype")
+          "runtime.overlap_text", "runtime.layernorm_in_compute_dtype", "runtime.fused_activation")
 
 
 @app.command()

@@ -90,9 +90,10 @@ LORA_RERUN = ALL_STAGES - {*PREPARE, "quantize@bf16", "quantize@nf4", *ZEROSHOT}
 # result-neutral knobs, each changed: the profile and the scale study measure the first four; no stage lists
 # the last two
 RUNTIME = {"runtime.cuda_graph": False, "runtime.cublas_workspace_kib": 0, "runtime.overlap_text": False,
-           "runtime.layernorm_in_compute_dtype": False, "runtime.checkpoint_every": 7, "runtime.eval_workers": 1}
+           "runtime.layernorm_in_compute_dtype": False, "runtime.fused_activation": False,
+           "runtime.checkpoint_every": 7, "runtime.eval_workers": 1}
 PROFILED = {"runtime.cuda_graph", "runtime.cublas_workspace_kib", "runtime.overlap_text",
-            "runtime.layernorm_in_compute_dtype"}
+            "runtime.layernorm_in_compute_dtype", "runtime.fused_activation"}
 
 STAGE_OPTIONS = {
     "prepare": ["--dataset", "--out"],

@@ -282,7 +282,8 @@ def test_resume_fingerprint_ignores_runtime_knobs_only(tiny_params):
 
     reference = fingerprint(tiny_params)
     for key, value in (("cuda_graph", False), ("cublas_workspace_kib", 0), ("overlap_text", False),
-                       ("layernorm_in_compute_dtype", False), ("checkpoint_every", 7), ("eval_workers", 3)):
+                       ("layernorm_in_compute_dtype", False), ("fused_activation", False), ("checkpoint_every", 7),
+                       ("eval_workers", 3)):
         p = copy.deepcopy(tiny_params)
         setattr(p.runtime, key, value)
         assert fingerprint(p) == reference, key

@@ -119,6 +119,7 @@ class Runtime:
     cublas_workspace_kib: int
     overlap_text: bool
     layernorm_in_compute_dtype: bool
+    fused_activation: bool
     checkpoint_every: int
     eval_workers: int
 
@@ -308,6 +309,7 @@ def validate(p: Params) -> Params:
     _int("runtime.cublas_workspace_kib", r.cublas_workspace_kib, lo=0)
     _bool("runtime.overlap_text", r.overlap_text)
     _bool("runtime.layernorm_in_compute_dtype", r.layernorm_in_compute_dtype)
+    _bool("runtime.fused_activation", r.fused_activation)
     _int("runtime.checkpoint_every", r.checkpoint_every)
     if r.eval_workers == "auto":  # resolved where the stage runs: the cores it may use
         r.eval_workers = auto_eval_workers()

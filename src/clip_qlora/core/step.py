@@ -5,6 +5,7 @@ CUDA it is captured once and replayed (graphs.py), the same arithmetic.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from clip_qlora.core.base import load_base
 from clip_qlora.core.blocks import BlockDropout
 from clip_qlora.core.model import (TextTokens, autocast, cosine_logits, embed_prompts, encode_image, encode_text,
                                    layernorms_in_compute_dtype, preprocess_stats, unit)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,6 +117,8 @@ def run_on_model(model: nn.Module, meta: dict, method: str, prompts: list[str], 
     compute_dtype = getattr(torch, meta["compute_dtype"])
     if runtime.layernorm_in_compute_dtype and compute_dtype != torch.float32:
         layernorms_in_compute_dtype(clip, compute_dtype)
+    if runtime.fused_activation and device.startswith("cuda"):
+        fuse_quick_gelu(clip)
     # the Triton adapter kernels draw dropout masks themselves: they read each block's seed on the device
     triton_kernel = train.fused_qkv and train.adapter_kernel == "triton"
     blocks = BlockDropout(clip, gc, device, device_seeds=triton_kernel)
@@ -138,6 +143,17 @@ def run_on_model(model: nn.Module, meta: dict, method: str, prompts: list[str], 
     return Run(peft_model, clip, tokens, text_input, ad.text_has_adapters(lora), optimizer, lr_at,
                compute_dtype, device, t.logit_scale, size, mean, std, meta, blocks,
                text_stream=torch.cuda.Stream(device=device) if cuda and runtime.overlap_text else None)
+
+
+def fuse_quick_gelu(clip: nn.Module) -> int:
+    """runtime.fused_activation: QuickGELU in Triton kernels (core/quick_gelu.py), bitwise open_clip's; a torch
+    build without Triton keeps open_clip's module, with a warning. Returns how many blocks were switched."""
+    try:
+        from clip_qlora.core import quick_gelu
+    except ImportError as e:
+        log.warning("runtime.fused_activation: Triton cannot be imported (%s); keeping open_clip's QuickGELU", e)
+        return 0
+    return quick_gelu.fuse(clip)
 
 
 def set_cublas_workspace(kib: int) -> None:
