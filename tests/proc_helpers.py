@@ -1,9 +1,11 @@
-"""Calls for the fresh-process runner's test (importable by a spawned child without torch), and process-tree
-checks for the tests that stop a run with real signals."""
+"""Calls for the fresh-process runner's test (importable by a spawned child without torch), process-tree
+checks for the tests that stop a run with real signals, and a runner for Triton kernels' interpreter checks."""
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,3 +57,13 @@ def assert_all_gone(procs, timeout: float = 60) -> None:
     _, left = psutil.wait_procs(procs, timeout=timeout)
     left = [q for q in left if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
     assert not left, [q.cmdline() for q in left]
+
+
+def run_interpreted(script: Path, case: str) -> None:
+    """`python script case` in a fresh process under Triton's CPU interpreter (TRITON_INTERPRET must be set before
+    triton is imported, which decides then whether a kernel is compiled or interpreted); asserts it printed
+    `ok case`."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script), case], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert f"ok {case}" in out.stdout

@@ -4,9 +4,6 @@ answers, the layout against torch's launch formula, and the kernels under Triton
 (tests/lora_triton_cases.py, one fresh process each: the interpreter is chosen when triton is imported)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 
 from clip_qlora.core import lora_triton as lt
 from philox_oracle import philox4x32_10, torch_dropout_keep
+from proc_helpers import run_interpreted
 
 HERE = Path(__file__).parent
 
@@ -63,8 +61,4 @@ def test_layout_is_torchs_launch(n, threads, increment):
 
 @pytest.mark.parametrize("case", ["masks", "exact", "against_torch_path"])
 def test_kernels_under_interpreter(case):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, str(HERE / "lora_triton_cases.py"), case], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert f"ok {case}" in out.stdout
+    run_interpreted(HERE / "lora_triton_cases.py", case)

@@ -4,9 +4,6 @@ interpreter is chosen when triton is imported); bitwise equality with torch's CU
 is benchmarks/gpu_checks.py --checks quick_gelu."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,17 +13,14 @@ from open_clip.transformer import QuickGELU
 from clip_qlora.core import quick_gelu as Q
 from clip_qlora.core.base import make_base
 from clip_qlora.core.step import fuse_quick_gelu
+from proc_helpers import run_interpreted
 
 HERE = Path(__file__).parent
 
 
 @pytest.mark.parametrize("case", ["every_input", "module"])
 def test_kernels_under_interpreter(case):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, str(HERE / "quick_gelu_cases.py"), case], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert f"ok {case}" in out.stdout
+    run_interpreted(HERE / "quick_gelu_cases.py", case)
 
 
 @pytest.mark.parametrize("quick_gelu,expected", [(True, 2 + 2), (False, 0)])  # clip-tiny: 2 blocks per tower
