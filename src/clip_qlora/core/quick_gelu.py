@@ -16,9 +16,10 @@ sigmoid backward, which for bf16 is written in bf16 operations and so rounds aft
 
 with exp the CUDA math library's expf (libdevice) and the division correctly rounded (torch is built without
 fast math). (torch's CPU sigmoid backward rounds once, in fp32: the same inputs can give other gradient bits on
-a CPU; the kernels follow the GPU, where they run.) benchmarks/gpu_checks.py --checks quick_gelu compares both kernels with open_clip's module on the
-GPU for every finite bf16 input; tests/test_quick_gelu.py checks them on the CPU under Triton's interpreter
-against NumPy. The rounding to bf16 is written out in integer arithmetic: the interpreter's own cast truncates.
+a CPU; the kernels follow the GPU, where they run.) benchmarks/gpu_checks.py --checks quick_gelu compares both
+kernels with open_clip's module on the GPU for every finite bf16 input; tests/test_quick_gelu.py checks them on
+the CPU under Triton's interpreter against NumPy. The rounding to bf16 is written out in integer arithmetic:
+the interpreter's own cast truncates.
 `runtime.fused_activation` chooses it (bitwise the same numbers: a runtime knob, not a recipe change).
 """
 from __future__ import annotations
