@@ -5,12 +5,13 @@ Why: CI has no GPU, and Triton's CPU interpreter (tests/lora_triton_cases.py, te
 the kernels' Python, not their compilation; what only a GPU build takes (quick_gelu's libdevice branch, tensor
 core dot layouts, register allocation) would otherwise first fail on a GPU. Triton compiles for a named target
 with the ptxas its wheel ships, so every stage down to the cubin runs here. The resource usage
-(registers, spill stack) is printed for the record, not asserted: whether a spill costs time is measured on
+(registers, spill stack, static SASS instruction count) is printed for the record, not asserted: whether a spill costs time is measured on
 the GPU (benchmarks/adapter_kernel.py).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 
@@ -61,5 +62,8 @@ def test_compiles_for_sm90(name, kernel, signature, constants, options):
         f.write(cubin)
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     assert compiled.metadata.target.arch == 90 and f"Function {kernel.__name__}:" in usage and "REG:" in usage
-    print(name, usage.strip().splitlines()[-1].split("CONSTANT")[0].strip())
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))  # static count, one program
+    assert instructions > 0
+    print(name, usage.strip().splitlines()[-1].split("CONSTANT")[0].strip(), f"SASS:{instructions}")
