@@ -151,6 +151,44 @@ def against_torch_path():
     assert not torch.equal(results["triton"][0][0], results["triton"][1][0])
 
 
+def checkpoint_replays_masks():
+    """A whole tiny-model step on the Triton path (bf16, both towers, q/k/v adapters): lora_gc's loss and every
+    adapter gradient equal lora's bit for bit (the recomputation draws the same masks from the twin generator),
+    and every block's kernel drew its masks (its offset moved)."""
+    import tempfile
+
+    from clip_qlora import config
+    from clip_qlora.core.base import make_base, save_base
+    from clip_qlora.core.step import build_run, groups_of, loss_on
+
+    root = Path(tempfile.mkdtemp())
+    model, meta = make_base("clip-tiny", "none", "bf16", None, torch.bfloat16, "cpu")
+    save_base(model, meta, root / "bf16")
+    params = config.load_with({"datasets": ["shapes"], "model.arch": "clip-tiny", "model.pretrained": "none"})
+    prompts = [f"a photo of a {c} shape." for c in ("red", "green", "blue", "yellow")]
+    results = {}
+    for method in ("lora", "lora_gc"):
+        run = build_run(root / "bf16", method, prompts, "cpu", 10, seed=3, **groups_of(params))
+        assert getattr(run.clip.visual.transformer.resblocks[0].attn, "fused_qkv").kernel == "triton"
+        with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without a gradient
+            g = torch.Generator().manual_seed(11)
+            for n, prm in sorted(run.model.named_parameters()):
+                if "lora_B" in n:
+                    prm.normal_(std=0.1, generator=g)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 3, run.size, run.size, generator=g)
+        y = torch.randint(0, len(prompts), (4,), generator=g)
+        run.blocks.seed(7)
+        loss = loss_on(run, x, y)
+        loss.backward()
+        assert all(s.forward.offset > 0 for s in run.blocks.streams)  # every block's kernel drew its masks
+        results[method] = (float(loss.detach()), {n: prm.grad.clone() for n, prm in run.model.named_parameters()
+                                                  if prm.requires_grad})
+    (l0, g0), (l1, g1) = results["lora"], results["lora_gc"]
+    assert l0 == l1 and g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert any(bool(v.abs().sum() > 0) for n, v in g0.items() if "lora_A" in n)  # the masks reached a gradient
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]]()
     print("ok", sys.argv[1])

@@ -59,6 +59,6 @@ def test_layout_is_torchs_launch(n, threads, increment):
     assert lt.layout(n, sms=132, threads_per_sm=2048) == (threads, increment)
 
 
-@pytest.mark.parametrize("case", ["masks", "exact", "against_torch_path"])
+@pytest.mark.parametrize("case", ["masks", "exact", "against_torch_path", "checkpoint_replays_masks"])
 def test_kernels_under_interpreter(case):
     run_interpreted(HERE / "lora_triton_cases.py", case)
